@@ -1,0 +1,136 @@
+"""One replica's tensor-parallel group, as seen by one of its ranks.
+
+A *replica* is one tensor-parallel group of `world_size` processes; a *rank* is a process's
+position in it (rank 0 also runs the engine loop). Everything distributed goes through a `TPGroup`
+passed in explicitly: no module globals, no reliance on an implicit default group.
+
+Backends: NCCL for CUDA activations (CPU metadata still goes over gloo: the group is created as
+``cpu:gloo,cuda:nccl``), gloo for CPU ranks on different hosts, and a shared-memory communicator
+(`sharding.shm`) for CPU ranks that share a host, where gloo's per-call thread hand-off costs more
+than a whole decode step's compute. Every collective has a timeout.
+
+Rendezvous: rank 0 opens a `TCPStore` on port 0 (the OS picks a free port), the controller passes
+the address to the other ranks, and they connect to it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+def open_store(host: str, port: int, world_size: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store; on rank 0 with port 0 the OS picks a free port (read it from `.port`)."""
+    return dist.TCPStore(
+        host, port, world_size, is_master,
+        timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+    )
+
+
+def resolve_backend(backend: str, device: torch.device, same_host: bool) -> str:
+    """'auto' picks nccl for CUDA, shm for co-located CPU ranks when supported, else gloo."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "nccl"
+    if same_host:
+        from sharding.shm import ShmCommunicator
+
+        if ShmCommunicator.supported():
+            return "shm"
+    return "gloo"
+
+
+@dataclass
+class TPGroup:
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str = "none"
+    timeout_s: float = 30.0
+    _pg: object = field(default=None, repr=False)
+    _shm: object = field(default=None, repr=False)
+
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> "TPGroup":
+        """A group of one: every collective is the identity."""
+        return cls(rank=0, world_size=1, device=torch.device(device))
+
+    @classmethod
+    def connect(
+        cls,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        device: str | torch.device,
+        backend: str = "gloo",
+        timeout_s: float = 30.0,
+        tag: str = "tp",
+    ) -> "TPGroup":
+        """Join the replica's group through `store`. `backend`: gloo | nccl | shm (not 'auto')."""
+        device = torch.device(device)
+        if world_size == 1:
+            return cls.single(device)
+        pg_backend = "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(pg_backend, store=dist.PrefixStore(f"{tag}/pg", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
+        shm = None
+        if backend == "shm":
+            from sharding.shm import ShmCommunicator
+
+            shm = ShmCommunicator.create(
+                store, rank, world_size, capacity_bytes=8 << 20, timeout_s=timeout_s, tag=f"{tag}/shm"
+            )
+        return cls(rank, world_size, device, backend, timeout_s, dist.group.WORLD, shm)
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        """In-place sum over the group's ranks."""
+        if self.world_size == 1:
+            return
+        if self._shm is not None:
+            self._shm.all_reduce(t)
+        else:
+            dist.all_reduce(t, group=self._pg)
+
+    def gather_to_first(self, t: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `t` (same shape on every rank), in rank order, on rank 0; None elsewhere."""
+        if self.world_size == 1:
+            return [t]
+        if self._shm is not None:
+            return self._shm.gather(t, dst=0)
+        out = [torch.empty_like(t) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(t, out, dst=0, group=self._pg)
+        return out
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> None:
+        """In-place broadcast of a CPU tensor (step plans, metadata)."""
+        if self.world_size == 1:
+            return
+        if self._shm is not None:
+            self._shm.broadcast(t, src=src)
+        else:
+            dist.broadcast(t, src=src, group=self._pg)
+
+    def barrier(self) -> None:
+        if self.world_size == 1:
+            return
+        if self._shm is not None:
+            self._shm.barrier()
+        else:
+            dist.barrier(group=self._pg)
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+        if self._pg is not None:
+            dist.destroy_process_group(self._pg)
+            self._pg = None

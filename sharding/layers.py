@@ -1,0 +1,106 @@
+"""Tensor-parallel layers. Each holds one rank's slice (already read by the loader) and shows its
+collective in `forward`.
+
+Plain classes rather than ``nn.Module``: inference only, weights come from the plan, and a decode
+step calls these a few hundred times, so hooks and autograd bookkeeping are pure overhead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sharding.group import TPGroup
+
+
+def _onednn_packable(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class Linear:
+    """y = x Wᵀ (+ b) on one rank's weight.
+
+    On CPU in float32 the weight is reordered once into oneDNN's blocked layout: on our AVX2 machines
+    that runs the skinny (decode-sized) products 1.5-3x faster than the default BLAS path, which
+    re-packs the weight on every call. Elsewhere it is `F.linear`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.packed = None
+        if _onednn_packable(weight) and weight.numel() > 0:
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            except (RuntimeError, AttributeError):  # an op this torch build lacks: fall back
+                self.packed = None
+        self.weight = None if self.packed is not None else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear:
+    """A = [A₁; …; Aₚ] split by output rows: rank r computes yᵣ = x Aᵣᵀ + bᵣ, its own slice of y.
+    No communication; the next layer consumes the slice as it is."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.linear = Linear(weight, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class RowParallelLinear:
+    """A = [A₁ … Aₚ] split by input columns: rank r holds the activation slice xᵣ and computes
+    the partial sum xᵣ Aᵣᵀ; y = Σᵣ xᵣ Aᵣᵀ + b. The bias is added once, after the all-reduce."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: TPGroup):
+        self.linear = Linear(weight)
+        self.bias = bias
+        self.group = group
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        self.group.all_reduce(y)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class VocabParallelEmbedding:
+    """Rank r owns vocabulary rows [start, stop). It embeds the ids it owns, writes zeros for the
+    others, and an all-reduce assembles the full embedding on every rank."""
+
+    def __init__(self, weight: torch.Tensor, start: int, group: TPGroup):
+        self.weight = weight
+        self.start, self.stop = start, start + weight.shape[0]
+        self.group = group
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group.world_size == 1:
+            return F.embedding(ids, self.weight)
+        foreign = (ids < self.start) | (ids >= self.stop)
+        local = (ids - self.start).masked_fill(foreign, 0)
+        x = F.embedding(local, self.weight).masked_fill(foreign.unsqueeze(-1), 0.0)
+        self.group.all_reduce(x)
+        return x
+
+
+class ParallelLMHead:
+    """Rank r computes the logits of its vocabulary rows; rank 0 gathers and concatenates them,
+    dropping the padding rows. Returns (tokens, vocab_size) logits on rank 0, None elsewhere."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, group: TPGroup):
+        self.linear = Linear(weight)
+        self.vocab_size = vocab_size
+        self.group = group
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        local = self.linear(x)  # (tokens, padded_vocab / tp)
+        parts = self.group.gather_to_first(local)
+        if parts is None:
+            return None
+        return torch.cat(parts, dim=-1)[..., : self.vocab_size]
