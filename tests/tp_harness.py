@@ -1,0 +1,95 @@
+"""Runs checkpoints at a given TP size, one spawned process per rank, gloo (or shm) on a free port.
+
+Rank 0 drives a plain greedy loop over the runner: one prefill step for all prompts asking for
+every position's logits, then one decode step per new token. The other ranks follow the broadcast
+plans. Results come back through a queue: rank 0's logits and tokens, every rank's loaded bytes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from sharding.arch import ModelConfig
+from sharding.group import TPGroup, open_store
+from sharding.loader import Checkpoint
+from sharding.plan import ShardingPlan
+from worker.kv_cache import BlockManager
+from worker.runner import ModelRunner
+from worker.step import StepInput
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 512
+
+
+def greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int):
+    """(per-prompt logits of every prompt position, per-prompt generated tokens)."""
+    bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
+    step = StepInput.build(
+        [(p, 0, bm.allocate(i, len(p))) for i, p in enumerate(prompts)], BLOCK_SIZE, logits="all"
+    )
+    logits = runner.run(step)
+    prompt_logits = list(logits.split([len(p) for p in prompts]))
+    seqs = [list(p) + [int(lg[-1].argmax())] for p, lg in zip(prompts, prompt_logits)]
+    for _ in range(new_tokens - 1):
+        items = [([s[-1]], len(s) - 1, bm.allocate(i, len(s))) for i, s in enumerate(seqs)]
+        for s, row in zip(seqs, runner.run(StepInput.build(items, BLOCK_SIZE))):
+            s.append(int(row.argmax()))
+    return prompt_logits, [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def _rank_main(rank, tp, port, jobs, new_tokens, backend, out):
+    try:
+        torch.set_num_threads(1)
+        store = dist.TCPStore("127.0.0.1", port, tp, False, timeout=datetime.timedelta(seconds=60))
+        group = TPGroup.connect(store, rank, tp, "cpu", backend=backend, timeout_s=60)
+        for job, (path, prompts, dtype) in enumerate(jobs):
+            cfg = ModelConfig.from_dir(path)
+            plan = ShardingPlan.build(cfg, tp, Checkpoint(path).names)
+            runner, report = ModelRunner.load(path, cfg, plan.ranks[rank], group, dtype=dtype,
+                                               num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
+            out.put(("bytes", job, rank, report.parameter_bytes, plan.ranks[rank].bytes(dtype)))
+            if rank == 0:
+                logits, tokens = greedy(runner, prompts, new_tokens)
+                # numpy, not tensors: torch would share tensors through fds that die with this process
+                out.put(("result", job, [lg.numpy() for lg in logits], tokens))
+                runner.stop_peers()
+            else:
+                runner.follow()
+        group.close()
+    except BaseException:
+        out.put(("error", rank, traceback.format_exc()))
+
+
+def run_tp(jobs, tp: int, new_tokens: int = 32, backend: str = "gloo", timeout_s: float = 300):
+    """jobs: [(checkpoint dir, prompts, dtype)]. Returns per job: {"logits", "tokens", "bytes"}
+    where bytes[rank] = (bytes loaded, bytes the plan assigns)."""
+    ctx = mp.get_context("spawn")
+    store = open_store("127.0.0.1", 0, tp + 1, True, 60)  # the parent hosts the rendezvous
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, tp, store.port, jobs, new_tokens, backend, out))
+             for r in range(tp)]
+    for p in procs:
+        p.start()
+    results = [{"bytes": {}} for _ in jobs]
+    pending = len(jobs) * (tp + 1)
+    try:
+        while pending:
+            msg = out.get(timeout=timeout_s)
+            if msg[0] == "error":
+                raise RuntimeError(f"rank {msg[1]} failed:\n{msg[2]}")
+            if msg[0] == "bytes":
+                results[msg[1]]["bytes"][msg[2]] = (msg[3], msg[4])
+            else:
+                results[msg[1]].update(logits=[torch.from_numpy(a) for a in msg[2]], tokens=msg[3])
+            pending -= 1
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return results

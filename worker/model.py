@@ -1,0 +1,189 @@
+"""The transformer, as one rank computes it: Llama family and GPT-2 over tensor-parallel layers.
+
+Every rank runs this same forward over its own slice of every weight (see `sharding.plan`):
+
+    x = embed(ids)                    vocab-parallel: masked lookup, all-reduce
+    per block:
+        x = x + wo(attn(wqkv(norm(x))))   column-parallel wqkv (this rank's heads), row-parallel wo: all-reduce
+        x = x + w_out(act(w_in(norm(x)))) column-parallel w_in (gate|up), row-parallel w_out: all-reduce
+    logits = lm_head(norm(x[wanted]))  vocab-parallel: rank 0 gathers the slices
+
+Norms and residual adds run redundantly on every rank. The model is built from the weights the
+loader read for this rank; nothing is ever materialised in full and re-sliced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sharding.arch import ModelConfig, RopeConfig
+from sharding.group import TPGroup
+from sharding.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from sharding.plan import RankPlan
+from worker.attention import AttentionMetadata, paged_attention
+from worker.kv_cache import KVCache, LayerCache
+from worker.step import StepInput
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,), with linear or Llama-3 scaling."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        return inv / rope.factor
+    if rope.kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        low_wavelen = rope.original_max_positions / rope.low_freq_factor
+        high_wavelen = rope.original_max_positions / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class Rope:
+    """cos/sin tables (positions, head_dim/2), built once up to the longest allowed position."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, dtype, device):
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(rope, head_dim))
+        self.cos = freqs.cos().to(dtype=dtype, device=device)
+        self.sin = freqs.sin().to(dtype=dtype, device=device)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (tokens, 1, d/2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the two halves of each head: x (tokens, heads, d) → [x₁cos − x₂sin, x₂cos + x₁sin]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass
+class Batch:
+    """A step's inputs on this rank's device, with what every layer shares."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    logits_indices: torch.Tensor
+    attn: AttentionMetadata
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class Norm:
+    def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias, self.eps = weight, bias, cfg.norm_eps
+        self.shape = tuple(weight.shape)
+        self.rms = cfg.family == "llama"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
+class Attention:
+    def __init__(self, cfg: ModelConfig, plan: RankPlan, w: dict, i: int, group: TPGroup):
+        p = f"layers.{i}"
+        self.hq, self.hkv, self.d = plan.num_heads, plan.num_kv_heads, cfg.head_dim
+        self.sizes = [self.hq * self.d, self.hkv * self.d, self.hkv * self.d]
+        self.wqkv = ColumnParallelLinear(w[f"{p}.wqkv.weight"], w.get(f"{p}.wqkv.bias"))
+        self.wo = RowParallelLinear(w[f"{p}.wo.weight"], w.get(f"{p}.wo.bias"), group)
+        self.window = cfg.sliding_windows[i]
+        self.scale = cfg.head_dim ** -0.5
+
+    def __call__(self, x: torch.Tensor, batch: Batch, cache: LayerCache) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)  # this rank's heads only
+        q = q.reshape(n, self.hq, self.d)
+        k = k.reshape(n, self.hkv, self.d)
+        v = v.reshape(n, self.hkv, self.d)
+        if batch.rope is not None:
+            q, k = apply_rope(q, *batch.rope), apply_rope(k, *batch.rope)
+        cache.write(batch.attn.slot_mapping, k, v)
+        o = paged_attention(q, k, v, cache, batch.attn, self.window, self.scale)  # (n, hq * d)
+        return self.wo(o)  # all-reduce inside: the heads' partial outputs summed over ranks
+
+
+class MLP:
+    def __init__(self, cfg: ModelConfig, w: dict, i: int, group: TPGroup):
+        p = f"layers.{i}"
+        self.gated = cfg.family == "llama"
+        self.w_in = ColumnParallelLinear(w[f"{p}.w_in.weight"], w.get(f"{p}.w_in.bias"))
+        self.w_out = RowParallelLinear(w[f"{p}.w_out.weight"], w.get(f"{p}.w_out.bias"), group)
+        self.gelu = "tanh" if cfg.act == "gelu_tanh" else "none"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # this rank's [gate; up] rows
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.gelu)
+        return self.w_out(h)  # all-reduce inside
+
+
+class Block:
+    def __init__(self, cfg: ModelConfig, plan: RankPlan, w: dict, i: int, group: TPGroup):
+        p = f"layers.{i}"
+        self.attn_norm = Norm(cfg, w[f"{p}.attn_norm.weight"], w.get(f"{p}.attn_norm.bias"))
+        self.attn = Attention(cfg, plan, w, i, group)
+        self.mlp_norm = Norm(cfg, w[f"{p}.mlp_norm.weight"], w.get(f"{p}.mlp_norm.bias"))
+        self.mlp = MLP(cfg, w, i, group)
+
+    def __call__(self, x: torch.Tensor, batch: Batch, cache: LayerCache) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), batch, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, plan: RankPlan, weights: dict, group: TPGroup,
+                 max_positions: int | None = None):
+        self.cfg, self.plan, self.group = cfg, plan, group
+        w = weights
+        self.device = w["embed.weight"].device
+        self.dtype = w["embed.weight"].dtype
+        self.max_positions = max_positions or cfg.max_positions
+        self.embed = VocabParallelEmbedding(w["embed.weight"], plan.vocab_start, group)
+        self.pos_embed = w.get("pos_embed.weight")
+        self.layers = [Block(cfg, plan, w, i, group) for i in range(cfg.num_layers)]
+        self.norm = Norm(cfg, w["norm.weight"], w.get("norm.bias"))
+        head = w["embed.weight"] if cfg.tie_embeddings else w["lm_head.weight"]
+        self.lm_head = ParallelLMHead(head, cfg.vocab_size, group)
+        self.rope = None
+        if cfg.rope is not None:
+            self.rope = Rope(cfg.rope, cfg.head_dim, self.max_positions, self.dtype, self.device)
+        self.windows = set(cfg.sliding_windows)
+
+    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        return KVCache(self.cfg.num_layers, self.plan.num_kv_heads, self.cfg.head_dim,
+                       num_blocks, block_size, self.dtype, self.device)
+
+    def batch(self, step: StepInput, block_size: int) -> Batch:
+        positions = step.positions.to(self.device)
+        return Batch(
+            input_ids=step.input_ids.to(self.device),
+            positions=positions,
+            logits_indices=step.logits_indices.to(self.device),
+            attn=AttentionMetadata.build(step, block_size, self.windows, self.device),
+            rope=self.rope.tables(positions) if self.rope is not None else None,
+        )
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch, cache: KVCache) -> torch.Tensor | None:
+        """Next-token logits (len(logits_indices), vocab) on rank 0; None on the other ranks."""
+        x = self.embed(batch.input_ids)  # (tokens, hidden), all-reduced
+        if self.pos_embed is not None:
+            x = x + F.embedding(batch.positions, self.pos_embed)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, batch, layer_cache)
+        x = self.norm(x[batch.logits_indices])  # norms are per token: only the wanted ones
+        return self.lm_head(x)  # gathered on rank 0

@@ -1,0 +1,76 @@
+"""One rank's model, KV cache and the per-step protocol between rank 0 and its peers.
+
+Rank 0 calls `run(step)`: it broadcasts the step plan, then runs its share of the forward and gets
+the logits. Every other rank sits in `follow()`: receive a plan, run the same forward over its own
+weight slices, repeat, until rank 0 sends STOP. The broadcast goes through the replica's process
+group, so no Ray call happens per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sharding.arch import ModelConfig
+from sharding.group import TPGroup
+from sharding.loader import DTYPES, load_rank_weights
+from sharding.plan import RankPlan
+from worker.kv_cache import KVCache
+from worker.model import Transformer
+from worker.step import HEADER_LEN, Kind, StepInput
+
+
+@dataclass
+class LoadReport:
+    parameter_bytes: int  # bytes of the weights this rank read and holds
+    seconds: float
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: KVCache, group: TPGroup):
+        self.model, self.cache, self.group = model, cache, group
+        self.block_size = cache.block_size
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: ModelConfig, plan: RankPlan, group: TPGroup, *,
+             dtype: str, num_blocks: int, block_size: int, max_positions: int | None = None,
+             progress=None) -> tuple["ModelRunner", LoadReport]:
+        t0 = time.perf_counter()
+        weights = load_rank_weights(path, plan, DTYPES[dtype], group.device, progress)
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        model = Transformer(cfg, plan, weights, group, max_positions)
+        cache = model.new_cache(num_blocks, block_size)
+        return cls(model, cache, group), LoadReport(nbytes, time.perf_counter() - t0)
+
+    # -- rank 0 ---------------------------------------------------------------------------------
+    def run(self, step: StepInput) -> torch.Tensor | None:
+        """Broadcast the plan, run the forward; next-token logits (on rank 0)."""
+        if self.group.world_size > 1:
+            header, payload = step.header(), step.payload()
+            self.group.broadcast(header)
+            self.group.broadcast(payload)
+        return self._forward(step)
+
+    def stop_peers(self) -> None:
+        if self.group.world_size > 1:
+            header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+            header[0] = Kind.STOP
+            self.group.broadcast(header)
+
+    # -- ranks 1.. ------------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Execute rank 0's plans until it sends STOP."""
+        while True:
+            header = torch.empty(HEADER_LEN, dtype=torch.int64)
+            self.group.broadcast(header)
+            if header[0] == Kind.STOP:
+                return
+            payload = torch.empty(StepInput.payload_len(header), dtype=torch.int64)
+            self.group.broadcast(payload)
+            self._forward(StepInput.from_wire(header, payload))
+
+    def _forward(self, step: StepInput) -> torch.Tensor | None:
+        return self.model(self.model.batch(step, self.block_size), self.cache)

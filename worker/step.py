@@ -1,0 +1,95 @@
+"""The step plan: everything a rank needs to run one forward step, and its wire format.
+
+Rank 0's scheduler builds a `StepInput` each step and broadcasts it to its peers through the
+replica's process group (Ray is not in the per-step loop). Tokens of all scheduled sequences are
+packed into one flat batch: first one token for each decoding sequence, then each prefill chunk's
+tokens. The wire format is a fixed header followed by one flat int64 payload::
+
+    header  = [kind, tokens, seqs, max_blocks, logits, decodes, 0, 0]
+    payload = input_ids | positions | slot_mapping | query_lens | context_lens
+              | block_tables (seqs × max_blocks, padded with 0) | logits_indices
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+HEADER_LEN = 8
+
+
+class Kind(enum.IntEnum):
+    STEP = 1
+    STOP = 2  # peers leave their follow loop
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor  # (tokens,)
+    positions: torch.Tensor  # (tokens,) position of each token in its sequence
+    slot_mapping: torch.Tensor  # (tokens,) KV-cache slot receiving each token's K/V
+    query_lens: torch.Tensor  # (seqs,) tokens of each sequence in this step (1 for a decode)
+    context_lens: torch.Tensor  # (seqs,) tokens each sequence attends over, this step's included
+    block_tables: torch.Tensor  # (seqs, max_blocks) block ids, padded with 0
+    logits_indices: torch.Tensor  # (logits,) packed tokens whose next-token logits are wanted
+    num_decodes: int  # the first `num_decodes` sequences are decodes, in the first tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.query_lens.shape[0])
+
+    def header(self, kind: Kind = Kind.STEP) -> torch.Tensor:
+        h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        h[:6] = torch.tensor([
+            kind, self.num_tokens, self.num_seqs, self.block_tables.shape[1],
+            self.logits_indices.shape[0], self.num_decodes,
+        ])
+        return h
+
+    def payload(self) -> torch.Tensor:
+        return torch.cat([
+            self.input_ids, self.positions, self.slot_mapping, self.query_lens,
+            self.context_lens, self.block_tables.reshape(-1), self.logits_indices,
+        ]).to(torch.int64)
+
+    @staticmethod
+    def payload_len(header: torch.Tensor) -> int:
+        _, tokens, seqs, max_blocks, logits, _ = header[:6].tolist()
+        return 3 * tokens + 2 * seqs + seqs * max_blocks + logits
+
+    @classmethod
+    def from_wire(cls, header: torch.Tensor, payload: torch.Tensor) -> "StepInput":
+        _, tokens, seqs, max_blocks, logits, decodes = header[:6].tolist()
+        sizes = [tokens, tokens, tokens, seqs, seqs, seqs * max_blocks, logits]
+        ids, pos, slots, qlens, clens, tables, li = payload.split(sizes)
+        return cls(ids, pos, slots, qlens, clens, tables.view(seqs, max_blocks), li, decodes)
+
+    @classmethod
+    def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int,
+              logits: str = "last") -> "StepInput":
+        """From (new token ids, tokens already cached, block table) per sequence, decodes first.
+        `logits`: "last" = each sequence's last token, "all" = every token."""
+        ids, pos, slots, qlens, clens, idx = [], [], [], [], [], []
+        num_decodes = 0
+        for new, cached, table in seqs:
+            if len(new) == 1 and num_decodes == len(qlens):
+                num_decodes += 1
+            start = len(ids)
+            ids += new
+            for p in range(cached, cached + len(new)):
+                pos.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+            qlens.append(len(new))
+            clens.append(cached + len(new))
+            idx += range(start, len(ids)) if logits == "all" else [len(ids) - 1]
+        width = max((len(t) for _, _, t in seqs), default=0)
+        tables = [t + [0] * (width - len(t)) for _, _, t in seqs]
+        t = lambda xs: torch.tensor(xs, dtype=torch.int64)
+        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens),
+                   t(tables).view(len(seqs), width), t(idx), num_decodes)
