@@ -1,0 +1,60 @@
+"""The real SmolLM2-135M-Instruct weights at TP = 1 and TP = 2 against transformers.
+
+9 query heads and 3 KV heads over 2 ranks is the uneven split (6+3 heads) the design calls for.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from tp_harness import run_tp
+
+NEW_TOKENS = 32
+TEXTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "The tallest mountain in the world is",
+    "def fibonacci(n):\n    ",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_dir):
+    tok = Tokenizer.from_file(f"{smollm2_dir}/tokenizer.json")
+    return [tok.encode(t).ids for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, prompts):
+    """transformers' prompt logits and greedy continuation (with its KV cache, past any EOS)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    logits, tokens = [], []
+    with torch.no_grad():
+        for p in prompts:
+            out = model(torch.tensor([p]), use_cache=True)
+            logits.append(out.logits[0])
+            gen = [int(out.logits[0, -1].argmax())]
+            past = out.past_key_values
+            for _ in range(NEW_TOKENS - 1):
+                out = model(torch.tensor([[gen[-1]]]), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                gen.append(int(out.logits[0, -1].argmax()))
+            tokens.append(gen)
+    return logits, tokens
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_smollm2_matches_transformers(smollm2_dir, prompts, reference, tp):
+    (got,) = run_tp([(smollm2_dir, prompts, "float32")], tp, NEW_TOKENS)
+    ref_logits, ref_tokens = reference
+    for i, (mine, ref) in enumerate(zip(got["logits"], ref_logits)):
+        err = (mine - ref).abs().max().item()
+        assert err < 1e-4, f"tp={tp} prompt {i}: max |Δlogit| = {err:.2e}"
+    assert got["tokens"] == ref_tokens
+    for rank, (loaded, planned) in got["bytes"].items():
+        assert loaded == planned, f"rank {rank}: loaded {loaded} B, plan {planned} B"
+    tok = Tokenizer.from_file(f"{smollm2_dir}/tokenizer.json")
+    assert "Paris" in tok.decode(got["tokens"][0])
