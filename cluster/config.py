@@ -481,7 +481,7 @@ def resolve(cfg: DeploymentConfig, model: ModelConfig, *, cuda_available: bool) 
         device_type = "cuda" if cuda_available else "cpu"
     elif device_type == "cuda" and not cuda_available:
         raise ConfigError("device.type", "no CUDA device is visible", device_type, source=cfg.source)
-    device = _resolve_backend(cfg.device, device_type, cfg.parallel.placement)
+    device = _resolve_backend(cfg.device, device_type)
     try:
         _check_device(device)  # an explicit backend may not suit the type "auto" became
     except ConfigError as err:
@@ -496,12 +496,12 @@ def _resolve_dtype(m: ModelSettings, device_type: str) -> ModelSettings:
     return dataclasses.replace(m, dtype="bfloat16" if device_type == "cuda" else "float32")
 
 
-def _resolve_backend(d: DeviceSettings, device_type: str, placement: str) -> DeviceSettings:
+def _resolve_backend(d: DeviceSettings, device_type: str) -> DeviceSettings:
     backend = d.backend
     if backend == "auto" and device_type == "cuda":
         backend = "nccl"
-    elif backend == "auto":  # CPU: shared memory between co-located ranks, gloo across hosts
-        backend = "shm" if placement == "pack" else "gloo"
+    # On CPU "auto" stays: the controller picks shm or gloo per replica once it knows whether
+    # the replica's ranks landed on one host (a "spread" placement may still pack them).
     return dataclasses.replace(d, type=device_type, backend=backend)
 
 

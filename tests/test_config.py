@@ -119,12 +119,13 @@ def test_memory_sizes_and_kv_blocks():
 def test_resolve_fills_every_auto():
     cfg = parse_config({"model": {"path": "m"}, "parallel": {"tensor_parallel_size": 2}})
     cpu = resolve(cfg, tiny_model(), cuda_available=False)
-    assert (cpu.device.type, cpu.model.dtype, cpu.device.backend) == ("cpu", "float32", "shm")
+    # On CPU the backend stays "auto": the controller picks shm or gloo once ranks are placed.
+    assert (cpu.device.type, cpu.model.dtype, cpu.device.backend) == ("cpu", "float32", "auto")
     assert cpu.engine.max_model_len == 2048 and cpu.engine.max_tokens_per_request == 2048
     gpu = resolve(cfg, tiny_model(), cuda_available=True)
     assert (gpu.device.type, gpu.model.dtype, gpu.device.backend) == ("cuda", "bfloat16", "nccl")
-    spread = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, placement="spread"))
-    assert resolve(spread, tiny_model(), cuda_available=False).device.backend == "gloo"
+    gloo = dataclasses.replace(cfg, device=dataclasses.replace(cfg.device, backend="gloo"))
+    assert resolve(gloo, tiny_model(), cuda_available=False).device.backend == "gloo"
 
 
 def test_check_against_model_accepts_uneven_tp():

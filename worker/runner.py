@@ -33,6 +33,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, cache: KVCache, group: TPGroup):
         self.model, self.cache, self.group = model, cache, group
         self.block_size = cache.block_size
+        self.last_broadcast_s = 0.0  # time the last `run` spent sending the plan
 
     @classmethod
     def load(cls, path: str | Path, cfg: ModelConfig, plan: RankPlan, group: TPGroup, *,
@@ -49,9 +50,11 @@ class ModelRunner:
     def run(self, step: StepInput) -> torch.Tensor | None:
         """Broadcast the plan, run the forward; next-token logits (on rank 0)."""
         if self.group.world_size > 1:
+            t0 = time.perf_counter()
             header, payload = step.header(), step.payload()
             self.group.broadcast(header)
             self.group.broadcast(payload)
+            self.last_broadcast_s = time.perf_counter() - t0
         return self._forward(step)
 
     def stop_peers(self) -> None:

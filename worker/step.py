@@ -72,12 +72,13 @@ class StepInput:
 
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int,
-              logits: str = "last") -> "StepInput":
+              logits: str | list[bool] = "last") -> "StepInput":
         """From (new token ids, tokens already cached, block table) per sequence, decodes first.
-        `logits`: "last" = each sequence's last token, "all" = every token."""
+        `logits`: "last" = each sequence's last token, "all" = every token, or per sequence
+        whether its last token's logits are wanted."""
         ids, pos, slots, qlens, clens, idx = [], [], [], [], [], []
         num_decodes = 0
-        for new, cached, table in seqs:
+        for k, (new, cached, table) in enumerate(seqs):
             if len(new) == 1 and num_decodes == len(qlens):
                 num_decodes += 1
             start = len(ids)
@@ -87,7 +88,10 @@ class StepInput:
                 slots.append(table[p // block_size] * block_size + p % block_size)
             qlens.append(len(new))
             clens.append(cached + len(new))
-            idx += range(start, len(ids)) if logits == "all" else [len(ids) - 1]
+            if logits == "all":
+                idx += range(start, len(ids))
+            elif logits == "last" or logits[k]:
+                idx.append(len(ids) - 1)
         width = max((len(t) for _, _, t in seqs), default=0)
         tables = [t + [0] * (width - len(t)) for _, _, t in seqs]
         t = lambda xs: torch.tensor(xs, dtype=torch.int64)
