@@ -557,3 +557,9 @@ def resolve_model(ref: str | os.PathLike[str], cache_dir: str | os.PathLike[str]
     raise ModelNotFoundError(
         f"unknown model {ref!r}: not a checkpoint directory with config.json, and not a known alias ({known})"
     )
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's `tokenizers.Tokenizer` (tokenizer.json), or None when it has none."""
+    f = Path(path) / "tokenizer.json"
+    return Tokenizer.from_file(str(f)) if f.exists() else None

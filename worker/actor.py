@@ -1,0 +1,206 @@
+"""One rank of one replica, run as a Ray actor.
+
+Lifecycle, each step a typed method the controller calls in order:
+
+    node_info()          where the actor landed (node, IP, device)
+    open_store()         rank 0 only: the rendezvous store on a free port
+    init_group(...)      join the replica's process group
+    load()               read this rank's slices of the checkpoint (`progress()` reports how far)
+    start()              peers: follow rank 0's step plans; rank 0: warm up, then run the engine
+    shutdown()
+
+After `start`, Ray is out of the per-step loop: rank 0's engine thread drives the peers through
+the process group. Ray calls to rank 0 carry only requests in (`submit`, `abort`) and outputs
+out (`poll`, which returns everything produced since the last poll, batched per step).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from sharding.arch import ModelConfig
+from sharding.group import TPGroup, open_store
+from sharding.plan import RankPlan
+from worker.engine import Engine, FinishReason, Request, RequestOutput
+from worker.runner import ModelRunner
+from worker.step import StepInput
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs, computed once by the controller."""
+
+    replica_id: int
+    rank: int
+    world_size: int
+    model_ref: str  # alias or checkpoint directory; resolved on the worker's own node
+    plan: RankPlan
+    dtype: str
+    device: str  # "cpu" | "cuda"
+    threads: int
+    block_size: int
+    num_blocks: int
+    max_batch_size: int
+    max_tokens_per_step: int
+    max_model_len: int
+    collective_timeout_s: float
+
+
+@dataclass
+class PollResult:
+    outputs: list[RequestOutput]
+    failure: str | None  # set once the replica can no longer run steps
+
+
+class RankWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        torch.set_num_threads(spec.threads)
+        self.device = torch.device("cuda", 0) if spec.device == "cuda" else torch.device("cpu")
+        self.group: TPGroup | None = None
+        self.runner: ModelRunner | None = None
+        self.engine: Engine | None = None
+        self._store = None
+        self._progress = (0, 0)
+        self._outbox: list[RequestOutput] = []
+        self._outbox_ready = threading.Condition()
+        self._failure: str | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def node_info(self) -> dict:
+        import ray
+
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+        }
+
+    def open_store(self, host: str) -> int:
+        """Rank 0: the rendezvous store, on a port the OS picks."""
+        self._store = open_store(host, 0, self.spec.world_size, True, self.spec.collective_timeout_s)
+        return self._store.port
+
+    def init_group(self, host: str, port: int, backend: str) -> None:
+        s = self.spec
+        store = self._store or open_store(host, port, s.world_size, False, s.collective_timeout_s)
+        self.group = TPGroup.connect(store, s.rank, s.world_size, self.device, backend=backend,
+                                     timeout_s=s.collective_timeout_s, tag=f"replica{s.replica_id}")
+
+    def load(self) -> dict:
+        from cluster.model_store import load_tokenizer, resolve_model
+
+        s = self.spec
+        path = resolve_model(s.model_ref)
+        cfg = ModelConfig.from_dir(path)
+        self.runner, report = ModelRunner.load(
+            path, cfg, s.plan, self.group, dtype=s.dtype, num_blocks=s.num_blocks,
+            block_size=s.block_size, max_positions=s.max_model_len,
+            progress=lambda done, total: setattr(self, "_progress", (done, total)),
+        )
+        if s.rank == 0:
+            self.engine = Engine(
+                self.runner, tokenizer=load_tokenizer(path), eos_token_ids=cfg.eos_token_ids,
+                vocab_size=cfg.vocab_size, max_batch_size=s.max_batch_size,
+                max_tokens_per_step=s.max_tokens_per_step, max_model_len=s.max_model_len,
+                num_blocks=s.num_blocks,
+            )
+        return {"parameter_bytes": report.parameter_bytes, "seconds": report.seconds}
+
+    def progress(self) -> tuple[int, int]:
+        return self._progress
+
+    def start(self) -> None:
+        """Peers: follow rank 0 in a thread. Rank 0: warm up through the peers, then loop."""
+        target = self._engine_loop if self.spec.rank == 0 else self._follow_loop
+        if self.spec.rank == 0:
+            self._warm_up()
+        self._thread = threading.Thread(target=target, name=f"tpserve-rank{self.spec.rank}", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        if self.engine is not None:
+            self.engine.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.group is not None:
+            self.group.close()
+
+    # -- rank 0: requests in, outputs out ----------------------------------------------------
+    def submit(self, requests: list[Request]) -> None:
+        for r in requests:
+            if self._failure is not None:
+                self._publish([RequestOutput(r.request_id, [], finish_reason=FinishReason.ERROR,
+                                             error=self._failure)])
+            else:
+                self.engine.add_request(r)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort(rid)
+
+    def poll(self, timeout_s: float = 1.0) -> PollResult:
+        """Everything produced since the last poll; waits up to `timeout_s` for something."""
+        with self._outbox_ready:
+            if not self._outbox and self._failure is None:
+                self._outbox_ready.wait(timeout_s)
+            outputs, self._outbox = self._outbox, []
+        return PollResult(outputs, self._failure)
+
+    def stats(self) -> dict:
+        stats = self.engine.stats() if self.engine is not None else {}
+        return {**stats, "failure": self._failure}
+
+    def health(self) -> dict:
+        alive = self._thread is not None and self._thread.is_alive()
+        return {"ok": alive and self._failure is None, "failure": self._failure}
+
+    # -- threads ------------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """One prefill and one decode, so the first real request does not pay kernel set-up."""
+        table = list(range(min(2, self.spec.num_blocks)))
+        n = min(8, self.spec.block_size * len(table) - 1)
+        self.runner.run(StepInput.build([(list(range(1, n + 1)), 0, table)], self.spec.block_size))
+        self.runner.run(StepInput.build([([1], n, table)], self.spec.block_size))
+
+    def _engine_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self.engine.wait_for_work(0.1)
+                if self.engine.has_work:
+                    outputs = self.engine.step()
+                    if outputs:
+                        self._publish(outputs)
+            self.runner.stop_peers()
+        except Exception as exc:  # a dead peer or a timed-out collective ends the replica
+            self._fail(exc)
+
+    def _follow_loop(self) -> None:
+        try:
+            self.runner.follow()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        s = self.spec
+        self._failure = f"replica {s.replica_id} rank {s.rank} failed: {type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        outputs = self.engine.abort_all(self._failure) if self.engine is not None else []
+        self._publish(outputs)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        with self._outbox_ready:
+            self._outbox.extend(outputs)
+            self._outbox_ready.notify_all()
+
