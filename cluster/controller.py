@@ -16,7 +16,7 @@ actors died or whose engine failed; `restart()` rebuilds one.
 from __future__ import annotations
 
 import logging
-import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray
@@ -93,6 +93,8 @@ class Controller:
         self.num_blocks = kv_cache_blocks(self.cfg, self.model, self.plan)
         self.replicas: list[Replica] = []
         self._owns_ray = False
+        self.deployment_id = uuid.uuid4().hex[:8]  # names this deployment's placement groups
+        self._placements = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, progress=None) -> None:
@@ -169,7 +171,9 @@ class Controller:
         if d.type == "cuda":
             bundle["GPU"] = d.gpus_per_rank
         pg = placement_group([dict(bundle) for _ in range(p.tensor_parallel_size)],
-                             strategy=STRATEGIES[p.placement], name=f"tpserve-replica-{replica_id}")
+                             strategy=STRATEGIES[p.placement],
+                             name=f"tpserve-{self.deployment_id}-{replica_id}-{self._placements}")
+        self._placements += 1
         try:
             ray.get(pg.ready(), timeout=60)
         except Exception:
@@ -196,7 +200,6 @@ class Controller:
             num_gpus=d.gpus_per_rank if d.type == "cuda" else 0,
             max_concurrency=16,  # poll, submit and health run beside the engine thread
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-            name=f"tpserve-r{replica_id}-rank{rank}-{time.monotonic_ns()}",
         )
         return ray.remote(RankWorker).options(**options).remote(spec)
 

@@ -10,3 +10,19 @@ from cluster.model_store import DEFAULT_MODEL, resolve_model
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     return str(resolve_model(DEFAULT_MODEL))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster of three nodes (raylets) for the whole session: 2 CPUs each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="tpserve-tests", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

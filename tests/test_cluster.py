@@ -1,0 +1,82 @@
+"""Replicas on Ray: TP = 2 batch invariance, and a local multi-node cluster (three raylets on
+one machine) with a replica spanning nodes and two replicas on different nodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import DeploymentConfig
+from cluster.offline import LLM
+from worker.engine import FinishReason
+from worker.sampling import SamplingParams
+
+TEXTS = [
+    "The capital of France is", "Once upon a time", "def add(a, b):", "List three colors:",
+    "The quick brown fox jumps over the lazy dog. " * 3, "Water boils at", "In 1492,",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Translate to French: good morning", "import numpy as np\n", "A haiku about the sea:",
+    "The largest planet in our solar system is", "Q: What is 2 + 2?\nA:",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit " * 4, "Hello",
+    "Photosynthesis is the process by which",
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def config(path, **over):
+    base = dict(tensor_parallel_size=2, max_batch_size=16, max_tokens_per_step=256,
+                max_model_len=512, kv_cache_tokens=8192, type="cpu")
+    return DeploymentConfig.for_model(path, **{**base, **over})
+
+
+@pytest.fixture(scope="module")
+def tp2(ray_cluster, smollm2_dir):
+    llm = LLM(config(smollm2_dir))
+    yield llm
+    llm.shutdown()
+
+
+def test_tp2_concurrent_equals_alone(tp2):
+    together = tp2.generate(TEXTS, GREEDY)
+    for text, batched in zip(TEXTS, together):
+        (alone,) = tp2.generate([text], GREEDY)
+        assert batched.token_ids == alone.token_ids, text
+        assert batched.finish_reason is FinishReason.LENGTH and len(alone.token_ids) == 12
+    assert "Paris" in together[0].text
+
+
+def test_tp2_seeded_sampling_alone_and_under_load(tp2):
+    seeded = [SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7 + i, ignore_eos=True)
+              for i in range(3)]
+    solo = [tp2.generate([TEXTS[i]], seeded[i])[0].token_ids for i in range(3)]
+    params = seeded + [SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)] * 10
+    mixed = tp2.generate(TEXTS[:3] + TEXTS[3:13], params)
+    assert [m.token_ids for m in mixed[:3]] == solo
+
+
+def test_replica_spanning_nodes(ray_cluster, smollm2_dir, tp2):
+    llm = LLM(config(smollm2_dir, placement="strict_spread", address="auto"))
+    try:
+        (replica,) = llm.controller.replicas
+        assert len({n["node_id"] for n in replica.nodes}) == 2, "one rank per node"
+        assert replica.backend == "gloo"  # shared memory cannot cross hosts
+        spanning = llm.generate(TEXTS[:4], GREEDY)
+        packed = tp2.generate(TEXTS[:4], GREEDY)
+        assert [c.token_ids for c in spanning] == [c.token_ids for c in packed]
+    finally:
+        llm.shutdown()
+
+
+def test_two_replicas_on_different_nodes(ray_cluster, smollm2_dir, tp2):
+    llm = LLM(config(smollm2_dir, replicas=2, address="auto"))
+    try:
+        a, b = llm.controller.replicas
+        nodes_a = {n["node_id"] for n in a.nodes}
+        nodes_b = {n["node_id"] for n in b.nodes}
+        assert len(nodes_a) == len(nodes_b) == 1 and nodes_a != nodes_b
+        outs = llm.generate(TEXTS[:6], GREEDY)  # alternates over the two replicas
+        ref = tp2.generate(TEXTS[:6], GREEDY)
+        assert [c.token_ids for c in outs] == [c.token_ids for c in ref]
+        served = [s["timings"]["steps"] for s in llm.engine_stats()]
+        assert all(n > 0 for n in served), "both replicas ran steps"
+    finally:
+        llm.shutdown()
