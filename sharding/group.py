@@ -16,6 +16,7 @@ the address to the other ranks, and they connect to it.
 from __future__ import annotations
 
 import datetime
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ class TPGroup:
     timeout_s: float = 30.0
     _pg: object = field(default=None, repr=False)
     _shm: object = field(default=None, repr=False)
+    comm_seconds: float = 0.0  # wall time spent inside all_reduce and gather_to_first
 
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> "TPGroup":
@@ -83,7 +85,7 @@ class TPGroup:
             from sharding.shm import ShmCommunicator
 
             shm = ShmCommunicator.create(
-                store, rank, world_size, capacity_bytes=8 << 20, timeout_s=timeout_s, tag=f"{tag}/shm"
+                store, rank, world_size, capacity_bytes=4 << 20, timeout_s=timeout_s, tag=f"{tag}/shm"
             )
         return cls(rank, world_size, device, backend, timeout_s, dist.group.WORLD, shm)
 
@@ -95,19 +97,24 @@ class TPGroup:
         """In-place sum over the group's ranks."""
         if self.world_size == 1:
             return
+        t0 = time.perf_counter()
         if self._shm is not None:
             self._shm.all_reduce(t)
         else:
             dist.all_reduce(t, group=self._pg)
+        self.comm_seconds += time.perf_counter() - t0
 
     def gather_to_first(self, t: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's `t` (same shape on every rank), in rank order, on rank 0; None elsewhere."""
         if self.world_size == 1:
             return [t]
+        t0 = time.perf_counter()
         if self._shm is not None:
-            return self._shm.gather(t, dst=0)
-        out = [torch.empty_like(t) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(t, out, dst=0, group=self._pg)
+            out = self._shm.gather(t, dst=0)
+        else:
+            out = [torch.empty_like(t) for _ in range(self.world_size)] if self.rank == 0 else None
+            dist.gather(t, out, dst=0, group=self._pg)
+        self.comm_seconds += time.perf_counter() - t0
         return out
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> None:

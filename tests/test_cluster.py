@@ -24,7 +24,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 def config(path, **over):
     base = dict(tensor_parallel_size=2, max_batch_size=16, max_tokens_per_step=256,
-                max_model_len=512, kv_cache_tokens=8192, type="cpu")
+                max_model_len=512, kv_cache_tokens=8192, type="cpu", collective_timeout_s=4)
     return DeploymentConfig.for_model(path, **{**base, **over})
 
 
@@ -51,6 +51,17 @@ def test_tp2_seeded_sampling_alone_and_under_load(tp2):
     params = seeded + [SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)] * 10
     mixed = tp2.generate(TEXTS[:3] + TEXTS[3:13], params)
     assert [m.token_ids for m in mixed[:3]] == solo
+
+
+def test_idle_replica_outlives_its_collective_timeout(tp2):
+    """Peers wait for the next step plan in a collective with a 4 s timeout; rank 0's idle
+    heartbeat keeps that wait bounded and the replica alive through a longer pause."""
+    import time
+
+    time.sleep(6)
+    (out,) = tp2.generate([TEXTS[0]], GREEDY)
+    assert out.finish_reason is FinishReason.LENGTH and out.error is None
+    assert tp2.controller.replicas[0].backend == "shm"
 
 
 def test_replica_spanning_nodes(ray_cluster, smollm2_dir, tp2):

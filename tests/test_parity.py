@@ -122,3 +122,15 @@ def test_rank_bytes_match_plan(results, name, tp):
     assert sorted(got) == list(range(tp))
     for rank, (loaded, planned) in got.items():
         assert loaded == planned, f"{name} tp={tp} rank {rank}: loaded {loaded} B, plan says {planned} B"
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_shared_memory_backend_matches_transformers(checkpoints, tp):
+    """The same forward with the shared-memory communicator instead of gloo."""
+    names = ["llama3-uneven", "gpt2"]
+    jobs = [(checkpoints[n][0], PROMPTS, "float32") for n in names]
+    for name, got in zip(names, run_tp(jobs, tp, NEW_TOKENS, backend="shm")):
+        _, ref_logits, ref_tokens = checkpoints[name]
+        err = max((m - r).abs().max().item() for m, r in zip(got["logits"], ref_logits))
+        assert err < 1e-4, f"{name} tp={tp} shm: max |Δlogit| = {err:.2e}"
+        assert got["tokens"] == ref_tokens

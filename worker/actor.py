@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from sharding.plan import RankPlan
 from worker.engine import Engine, FinishReason, Request, RequestOutput
 from worker.runner import ModelRunner
 from worker.step import StepInput
+
+HEARTBEAT_S = 1.0  # an idle rank 0 pings its peers this often; far below any collective timeout
 
 
 @dataclass(frozen=True)
@@ -175,13 +178,18 @@ class RankWorker:
         self.runner.run(StepInput.build([([1], n, table)], self.spec.block_size))
 
     def _engine_loop(self) -> None:
+        last_sent = time.monotonic()
         try:
             while not self._stopping.is_set():
                 self.engine.wait_for_work(0.1)
                 if self.engine.has_work:
                     outputs = self.engine.step()
+                    last_sent = time.monotonic()
                     if outputs:
                         self._publish(outputs)
+                elif time.monotonic() - last_sent > HEARTBEAT_S:
+                    self.runner.heartbeat()
+                    last_sent = time.monotonic()
             self.runner.stop_peers()
         except Exception as exc:  # a dead peer or a timed-out collective ends the replica
             self._fail(exc)

@@ -58,9 +58,17 @@ class ModelRunner:
         return self._forward(step)
 
     def stop_peers(self) -> None:
+        self._send_kind(Kind.STOP)
+
+    def heartbeat(self) -> None:
+        """Tells idle peers rank 0 is alive: every collective, the wait for the next plan
+        included, has a timeout, so an idle replica must still exchange something."""
+        self._send_kind(Kind.IDLE)
+
+    def _send_kind(self, kind: Kind) -> None:
         if self.group.world_size > 1:
             header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-            header[0] = Kind.STOP
+            header[0] = kind
             self.group.broadcast(header)
 
     # -- ranks 1.. ------------------------------------------------------------------------------
@@ -71,6 +79,8 @@ class ModelRunner:
             self.group.broadcast(header)
             if header[0] == Kind.STOP:
                 return
+            if header[0] == Kind.IDLE:
+                continue
             payload = torch.empty(StepInput.payload_len(header), dtype=torch.int64)
             self.group.broadcast(payload)
             self._forward(StepInput.from_wire(header, payload))

@@ -23,6 +23,7 @@ HEADER_LEN = 8
 class Kind(enum.IntEnum):
     STEP = 1
     STOP = 2  # peers leave their follow loop
+    IDLE = 3  # nothing to run: sent while idle so that no collective ever waits past its timeout
 
 
 @dataclass
