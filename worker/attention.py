@@ -3,12 +3,18 @@
 Per step, `AttentionMetadata.build` turns the step plan into gather indices and masks once; every
 layer then reuses them.
 
-* Decodes (one query token each) are batched: their blocks are gathered into a padded
-  ``(seqs, kv_heads, len, head_dim)`` view and the query heads of each KV head are folded into the
-  query-length axis, ``(seqs, kv_heads, group, head_dim)``, so grouped-query attention needs no
-  copy of K/V per query head.
+* Decodes (one query token each) are batched. Sorted by context length and cut into groups of
+  at most `DECODE_GROUP` sequences, each group's blocks are gathered into a padded
+  ``(seqs, kv_heads, len, head_dim)`` view, so a short context is not padded to the longest one
+  of the whole batch. The query heads of each KV head are folded into the query-length axis,
+  ``(seqs, kv_heads, group, head_dim)``, so grouped-query attention needs no copy of K/V per
+  query head.
 * Each prefill chunk runs on its own: causal attention over its fresh K/V when nothing of the
   sequence is cached yet, else over its gathered context with an offset causal mask.
+
+Gathers copy whole rows -- one block of one head, ``block_size * head_dim`` values -- into
+scratch buffers owned by the cache and reused by every layer (a fresh tens-of-MB tensor per
+layer costs more in page faults than the copy itself).
 
 Sliding windows (Mistral, some Qwen2 layers) add ``key > query - window`` to the masks.
 """
@@ -23,66 +29,103 @@ import torch.nn.functional as F
 from worker.kv_cache import LayerCache
 from worker.step import StepInput
 
+DECODE_GROUP = 16  # decodes per attention call: bounds the padding to similar-length contexts
+
+
+@dataclass
+class Gathered:
+    """One padded group of sequences: which cache rows to copy and which keys are real."""
+
+    rows: torch.Tensor  # (kv_heads * seqs * blocks,) rows of the (kv_heads * num_blocks, row) cache view
+    seqs: int
+    length: int  # padded context length, blocks * block_size
+    masks: dict = field(default_factory=dict)  # window -> bool mask broadcastable to the scores
+
+
+@dataclass
+class DecodeGroup:
+    tokens: torch.Tensor  # (seqs,) positions of these decodes in the packed batch
+    kv: Gathered
+
 
 @dataclass
 class PrefillChunk:
     start: int  # first packed token of the chunk
     stop: int
     cached: int  # tokens of the sequence cached before this chunk
-    blocks: torch.Tensor  # (blocks,) the sequence's block ids covering its context
-    masks: dict = field(default_factory=dict)  # window -> (T, context) bool, when cached or windowed
+    kv: Gathered | None  # its context, when something is cached
+    masks: dict = field(default_factory=dict)  # window -> (T, context) bool, when needed
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (tokens,)
     num_decodes: int
-    decode_blocks: torch.Tensor | None  # (decodes * max_blocks,) flat block ids
-    decode_len: int  # padded context length of the decode batch
-    decode_masks: dict  # window -> (decodes, 1, 1, decode_len) bool
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
-    block_size: int
 
     @classmethod
-    def build(cls, step: StepInput, block_size: int, windows: set, device: torch.device) -> "AttentionMetadata":
+    def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, num_blocks: int,
+              device: torch.device) -> "AttentionMetadata":
         nd = step.num_decodes
-        qlens = step.query_lens.tolist()
         clens = step.context_lens.tolist()
-        decode_blocks, decode_len, decode_masks = None, 0, {}
-        if nd:
-            ctx = step.context_lens[:nd]
-            max_blocks = -(-max(clens[:nd]) // block_size)
-            decode_blocks = step.block_tables[:nd, :max_blocks].reshape(-1).to(device)
-            decode_len = max_blocks * block_size
-            keys = torch.arange(decode_len)
+        groups = []
+        order = sorted(range(nd), key=clens.__getitem__)
+        for g in range(0, nd, DECODE_GROUP):
+            idx = order[g:g + DECODE_GROUP]
+            ctx = step.context_lens[idx]
+            kv = _gathered(step.block_tables[idx], max(clens[i] for i in idx), block_size, kv_heads,
+                           num_blocks, device)
+            keys = torch.arange(kv.length)
             for w in windows:
                 m = keys[None, :] < ctx[:, None]
                 if w is not None:
                     m &= keys[None, :] > (ctx[:, None] - 1 - w)
-                decode_masks[w] = m[:, None, None, :].to(device)
-        prefills, start = [], nd
-        for s in range(nd, step.num_seqs):
-            T, L = qlens[s], clens[s]
-            chunk = PrefillChunk(start, start + T, L - T,
-                                 step.block_tables[s, : -(-L // block_size)].to(device))
-            for w in windows:
-                if chunk.cached or (w is not None and w < T):
-                    q = torch.arange(L - T, L)[:, None]
-                    k = torch.arange(L)[None, :]
-                    m = k <= q
-                    if w is not None:
-                        m &= k > q - w
-                    chunk.masks[w] = m.to(device)
-            prefills.append(chunk)
-            start += T
-        return cls(step.slot_mapping.to(device), nd, decode_blocks, decode_len, decode_masks,
-                   prefills, block_size)
+                kv.masks[w] = m[:, None, None, :].to(device)  # (seqs, 1, 1, length)
+            groups.append(DecodeGroup(torch.tensor(idx, device=device), kv))
+        return cls(step.slot_mapping.to(device), nd, groups,
+                   _prefills(step, block_size, windows, kv_heads, num_blocks, device))
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """cache (heads, num_blocks, block*head_dim) rows of `blocks` → (heads, len(blocks)*block, head_dim)."""
-    heads = cache.shape[0]
-    return cache.index_select(1, blocks).view(heads, -1, head_dim)
+def _gathered(tables: torch.Tensor, longest: int, block_size: int, kv_heads: int, num_blocks: int,
+              device) -> Gathered:
+    """tables (seqs, *) block ids → rows of the flat (kv_heads * num_blocks, row) cache view."""
+    nb = -(-longest // block_size)
+    blocks = tables[:, :nb].reshape(-1)
+    rows = (torch.arange(kv_heads)[:, None] * num_blocks + blocks[None, :]).reshape(-1)
+    return Gathered(rows.to(device), tables.shape[0], nb * block_size)
+
+
+def _prefills(step, block_size, windows, kv_heads, num_blocks, device) -> list[PrefillChunk]:
+    qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
+    chunks, start = [], step.num_decodes
+    for s in range(step.num_decodes, step.num_seqs):
+        T, L = qlens[s], clens[s]
+        cached = L - T
+        kv = (_gathered(step.block_tables[s:s + 1], L, block_size, kv_heads, num_blocks, device)
+              if cached else None)
+        chunk = PrefillChunk(start, start + T, cached, kv)
+        for w in windows:
+            if cached or (w is not None and w < T):
+                q = torch.arange(cached, L)[:, None]
+                k = torch.arange(L)[None, :]
+                m = k <= q
+                if w is not None:
+                    m &= k > q - w
+                chunk.masks[w] = m.to(device)
+        chunks.append(chunk)
+        start += T
+    return chunks
+
+
+def _gather(cache: LayerCache, kv: Gathered) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's K and V, (seqs, kv_heads, length, head_dim) views of the scratch buffers."""
+    h, d = cache.num_kv_heads, cache.head_dim
+    k, v = cache.scratch(kv.rows.numel())
+    torch.index_select(cache.k.view(-1, cache.k.shape[-1]), 0, kv.rows, out=k)
+    torch.index_select(cache.v.view(-1, cache.v.shape[-1]), 0, kv.rows, out=v)
+    shape = (h, kv.seqs, kv.length, d)
+    return k.view(shape).transpose(0, 1), v.view(shape).transpose(0, 1)
 
 
 def paged_attention(
@@ -94,20 +137,18 @@ def paged_attention(
     n, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
-    nd = meta.num_decodes
-    if nd:
-        ks = _gather(cache.k, meta.decode_blocks, d).view(hkv, nd, meta.decode_len, d).transpose(0, 1)
-        vs = _gather(cache.v, meta.decode_blocks, d).view(hkv, nd, meta.decode_len, d).transpose(0, 1)
-        qd = q[:nd].view(nd, hkv, hq // hkv, d)  # query heads of one KV head are adjacent
-        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=meta.decode_masks[window], scale=scale)
-        out[:nd] = o.view(nd, hq, d)
+    for g in meta.decode_groups:
+        ks, vs = _gather(cache, g.kv)
+        qd = q.index_select(0, g.tokens).view(g.kv.seqs, hkv, hq // hkv, d)  # a KV head's queries adjacent
+        o = F.scaled_dot_product_attention(qd, ks, vs, attn_mask=g.kv.masks[window], scale=scale)
+        out.index_copy_(0, g.tokens, o.reshape(g.kv.seqs, hq, d))
     for c in meta.prefills:
         qp = q[c.start:c.stop].transpose(0, 1).unsqueeze(0)  # (1, hq, T, d)
         mask = c.masks.get(window)
-        if c.cached:
+        if c.kv is not None:
             L = c.cached + c.stop - c.start
-            kp = _gather(cache.k, c.blocks, d)[:, :L].unsqueeze(0)  # (1, hkv, L, d)
-            vp = _gather(cache.v, c.blocks, d)[:, :L].unsqueeze(0)
+            ks, vs = _gather(cache, c.kv)  # (1, hkv, padded, d)
+            kp, vp = ks[:, :, :L], vs[:, :, :L]
         else:
             kp = k[c.start:c.stop].transpose(0, 1).unsqueeze(0)
             vp = v[c.start:c.stop].transpose(0, 1).unsqueeze(0)

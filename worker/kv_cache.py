@@ -14,13 +14,31 @@ from __future__ import annotations
 import torch
 
 
+class Scratch:
+    """Output buffers for K/V gathers, shared by all layers (they run one after another) and
+    grown on demand: allocating tens of MB afresh per layer costs more in page faults than the
+    copy into them."""
+
+    def __init__(self, row: int, dtype: torch.dtype, device: torch.device):
+        self.row, self.dtype, self.device = row, dtype, device
+        self.k = self.v = torch.empty((0, row), dtype=dtype, device=device)
+
+    def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows > self.k.shape[0]:
+            grow = max(rows, 2 * self.k.shape[0])
+            self.k = torch.empty((grow, self.row), dtype=self.dtype, device=self.device)
+            self.v = torch.empty((grow, self.row), dtype=self.dtype, device=self.device)
+        return self.k[:rows], self.v[:rows]
+
+
 class LayerCache:
     def __init__(self, num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, scratch: Scratch):
         shape = (num_kv_heads, num_blocks, block_size * head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.scratch = scratch.take
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (tokens, num_kv_heads, head_dim) stored at cache slots `slots` (tokens,)."""
@@ -33,8 +51,9 @@ class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
+        scratch = Scratch(block_size * head_dim, dtype, device)
         self.layers = [
-            LayerCache(num_kv_heads, num_blocks, block_size, head_dim, dtype, device)
+            LayerCache(num_kv_heads, num_blocks, block_size, head_dim, dtype, device, scratch)
             for _ in range(num_layers)
         ]
 

@@ -167,13 +167,14 @@ class Transformer:
         return KVCache(self.cfg.num_layers, self.plan.num_kv_heads, self.cfg.head_dim,
                        num_blocks, block_size, self.dtype, self.device)
 
-    def batch(self, step: StepInput, block_size: int) -> Batch:
+    def batch(self, step: StepInput, cache: KVCache) -> Batch:
         positions = step.positions.to(self.device)
         return Batch(
             input_ids=step.input_ids.to(self.device),
             positions=positions,
             logits_indices=step.logits_indices.to(self.device),
-            attn=AttentionMetadata.build(step, block_size, self.windows, self.device),
+            attn=AttentionMetadata.build(step, cache.block_size, self.windows, self.plan.num_kv_heads,
+                                         cache.num_blocks, self.device),
             rope=self.rope.tables(positions) if self.rope is not None else None,
         )
 

@@ -86,4 +86,4 @@ class ModelRunner:
             self._forward(StepInput.from_wire(header, payload))
 
     def _forward(self, step: StepInput) -> torch.Tensor | None:
-        return self.model(self.model.batch(step, self.block_size), self.cache)
+        return self.model(self.model.batch(step, self.cache), self.cache)
