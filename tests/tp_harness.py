@@ -27,7 +27,8 @@ NUM_BLOCKS = 512
 
 
 def greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int):
-    """(per-prompt logits of every prompt position, per-prompt generated tokens)."""
+    """(per-prompt logits of every prompt position, per-prompt generated tokens, per-prompt
+    logits of every decode step)."""
     bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE)
     step = StepInput.build(
         [(p, 0, bm.allocate(i, len(p))) for i, p in enumerate(prompts)], BLOCK_SIZE, logits="all"
@@ -35,11 +36,14 @@ def greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int):
     logits = runner.run(step)
     prompt_logits = list(logits.split([len(p) for p in prompts]))
     seqs = [list(p) + [int(lg[-1].argmax())] for p, lg in zip(prompts, prompt_logits)]
+    decode_logits = [[] for _ in prompts]
     for _ in range(new_tokens - 1):
         items = [([s[-1]], len(s) - 1, bm.allocate(i, len(s))) for i, s in enumerate(seqs)]
-        for s, row in zip(seqs, runner.run(StepInput.build(items, BLOCK_SIZE))):
-            s.append(int(row.argmax()))
-    return prompt_logits, [s[len(p):] for s, p in zip(seqs, prompts)]
+        for i, row in enumerate(runner.run(StepInput.build(items, BLOCK_SIZE))):
+            seqs[i].append(int(row.argmax()))
+            decode_logits[i].append(row)
+    steps = [torch.stack(rows) if rows else None for rows in decode_logits]
+    return prompt_logits, [s[len(p):] for s, p in zip(seqs, prompts)], steps
 
 
 def _rank_main(rank, tp, port, jobs, new_tokens, backend, out):
@@ -54,9 +58,10 @@ def _rank_main(rank, tp, port, jobs, new_tokens, backend, out):
                                                num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
             out.put(("bytes", job, rank, report.parameter_bytes, plan.ranks[rank].bytes(dtype)))
             if rank == 0:
-                logits, tokens = greedy(runner, prompts, new_tokens)
+                logits, tokens, steps = greedy(runner, prompts, new_tokens)
                 # numpy, not tensors: torch would share tensors through fds that die with this process
-                out.put(("result", job, [lg.numpy() for lg in logits], tokens))
+                out.put(("result", job, [lg.numpy() for lg in logits], tokens,
+                         [st.numpy() if st is not None else None for st in steps]))
                 runner.stop_peers()
             else:
                 runner.follow()
@@ -66,8 +71,8 @@ def _rank_main(rank, tp, port, jobs, new_tokens, backend, out):
 
 
 def run_tp(jobs, tp: int, new_tokens: int = 32, backend: str = "gloo", timeout_s: float = 300):
-    """jobs: [(checkpoint dir, prompts, dtype)]. Returns per job: {"logits", "tokens", "bytes"}
-    where bytes[rank] = (bytes loaded, bytes the plan assigns)."""
+    """jobs: [(checkpoint dir, prompts, dtype)]. Returns per job: {"logits", "tokens",
+    "decode_logits", "bytes"} where bytes[rank] = (bytes loaded, bytes the plan assigns)."""
     ctx = mp.get_context("spawn")
     store = open_store("127.0.0.1", 0, tp + 1, True, 60)  # the parent hosts the rendezvous
     out = ctx.Queue()
@@ -85,7 +90,9 @@ def run_tp(jobs, tp: int, new_tokens: int = 32, backend: str = "gloo", timeout_s
             if msg[0] == "bytes":
                 results[msg[1]]["bytes"][msg[2]] = (msg[3], msg[4])
             else:
-                results[msg[1]].update(logits=[torch.from_numpy(a) for a in msg[2]], tokens=msg[3])
+                results[msg[1]].update(logits=[torch.from_numpy(a) for a in msg[2]], tokens=msg[3],
+                                       decode_logits=[None if a is None else torch.from_numpy(a)
+                                                      for a in msg[4]])
             pending -= 1
     finally:
         for p in procs:
