@@ -1,0 +1,190 @@
+"""Builds and runs the tpserve server: replicas on Ray, the gRPC API, health, reflection, metrics.
+
+    tpserve serve configs/default.yaml      # the CLI; `run(cfg)` below
+
+    server = Server(cfg)
+    server.start_cluster(progress)          # blocking: Ray up, replicas placed, loaded, warmed up
+    await server.start()                    # on the serving event loop: router, gRPC, metrics
+    server.address                          # e.g. "127.0.0.1:50051" (port 0 in the config = a free one)
+    await server.stop(grace_s=5)            # NOT_SERVING, drain for grace_s, CANCELLED for the rest
+    server.shutdown_cluster()
+
+One gRPC port serves `tpserve.v1.TPServe`, the standard `grpc.health.v1.Health` (SERVING for ""
+and "tpserve.v1.TPServe" exactly while every replica can generate) and server reflection, so
+generic tools (grpcurl, grpc_cli) can call the API without our stubs. Prometheus metrics are
+served on ``server.metrics_port`` when it is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.config import DeploymentConfig
+from cluster.controller import Controller
+from cluster.frontend import SERVICE, TPServeServicer, add_to_server, describe_model
+from cluster.metrics import Metrics
+from cluster.router import AdmissionPolicy, Router
+from cluster.validation import Limits, RequestValidator
+
+DEFAULT_GRACE_S = 5.0
+FINAL_MESSAGE_GRACE_S = 2.0  # after the router closed: time for handlers to send their last message
+HEALTH_SERVICES = ("", SERVICE)  # "" is the server as a whole
+
+
+class ServeError(RuntimeError):
+    """The server could not start (e.g. its port is taken); the message says why."""
+
+
+class Server:
+    def __init__(self, cfg: DeploymentConfig, controller: Controller | None = None):
+        self.controller = controller or Controller(cfg)  # resolves and checks cfg against the model
+        self.cfg = self.controller.cfg
+        self.metrics = Metrics()
+        self.address: str | None = None
+        self.metrics_port: int | None = None
+        self.router: Router | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start_cluster(self, progress=None) -> None:
+        """`progress(replica_id, done, total)` is called while weights load."""
+        self.controller.start(progress=progress)
+
+    async def start(self) -> None:
+        """Router, gRPC server (API, health, reflection) and metrics endpoint, on this loop."""
+        s = self.cfg.server
+        validator = RequestValidator.for_checkpoint(
+            self.controller.model_path, Limits.from_config(self.cfg, self.controller.model.vocab_size))
+        self._health = health.aio.HealthServicer()
+        self.router = Router(self.controller, AdmissionPolicy.from_config(self.cfg), self.metrics,
+                             on_health=self._health_changed)
+        self.router.start(asyncio.get_running_loop())
+        servicer = TPServeServicer(self.router, validator, describe_model(self.controller, validator),
+                                   request_timeout_s=s.request_timeout_s, metrics=self.metrics)
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port is an error
+        add_to_server(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._grpc)
+        self.address = self._bind(s.host, s.port)
+        await self._grpc.start()
+        await self._set_health(self.router.serving)
+        if s.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            except OSError as err:
+                raise ServeError(f"server.metrics_port: cannot listen on {s.host}:{s.metrics_port}: "
+                                 f"{err.strerror or err}") from None
+
+    async def stop(self, grace_s: float = DEFAULT_GRACE_S) -> None:
+        """Health goes NOT_SERVING and new requests get UNAVAILABLE; requests in flight get
+        `grace_s` to finish, the rest end with finish reason CANCELLED; then gRPC stops."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.router is not None:
+            await self.router.close(grace_s)
+        if self._grpc is not None:
+            await self._grpc.stop(FINAL_MESSAGE_GRACE_S)
+        self.metrics.close()
+
+    def shutdown_cluster(self) -> None:
+        self.controller.shutdown()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _bind(self, host: str, port: int) -> str:
+        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        try:
+            bound = self._grpc.add_insecure_port(f"{shown}:{port}")
+        except RuntimeError as err:
+            raise ServeError(f"cannot listen on {shown}:{port}: {err}") from None
+        if bound == 0:
+            raise ServeError(f"cannot listen on {shown}:{port}")
+        return f"{shown}:{bound}"
+
+    def _health_changed(self, serving: bool) -> None:
+        """Called on the loop by the router; the task is kept until done (the loop holds only a
+        weak reference to it)."""
+        task = asyncio.ensure_future(self._set_health(serving))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in HEALTH_SERVICES:
+            await self._health.set(service, status)
+
+
+class LoadProgress:
+    """One tqdm bar per replica on stderr while its ranks load their weights."""
+
+    def __init__(self):
+        self._bars = {}
+
+    def __call__(self, replica_id: int, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self._bars.get(replica_id)
+        if bar is None:
+            bar = self._bars[replica_id] = tqdm(total=total, desc=f"replica {replica_id} weights",
+                                                unit="tensor", file=sys.stderr, leave=True)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+
+
+def run(cfg: DeploymentConfig, *, grace_s: float = DEFAULT_GRACE_S) -> None:
+    """Serve until SIGINT or SIGTERM, then stop gracefully and release the cluster."""
+    check_ports_free(cfg.server)  # fail before spending a minute on starting replicas
+    server = Server(cfg)
+    try:
+        progress = LoadProgress()
+        try:
+            server.start_cluster(progress)
+        finally:
+            progress.close()
+        asyncio.run(_serve_until_signal(server, grace_s))
+    finally:
+        server.shutdown_cluster()
+
+
+def check_ports_free(s) -> None:
+    """Raise ServeError when server.port or server.metrics_port is already taken."""
+    for name, port in (("server.port", s.port), ("server.metrics_port", s.metrics_port)):
+        if not port:
+            continue  # none, or 0 = any free port
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
+            try:
+                probe.bind((s.host.strip("[]"), port))
+            except OSError as err:
+                raise ServeError(f"{name}: cannot listen on {s.host}:{port}: {err.strerror}") from None
+
+
+async def _serve_until_signal(server: Server, grace_s: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        c = server.cfg
+        metrics = f"; metrics on http://{c.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        print(f"tpserve: serving {c.model.name} on {server.address} ({c.parallel.replicas} × TP "
+              f"{c.parallel.tensor_parallel_size}, {c.device.type}){metrics}", file=sys.stderr, flush=True)
+        await stop.wait()
+        print(f"tpserve: stopping (up to {grace_s:g} s for requests in flight)", file=sys.stderr, flush=True)
+    finally:
+        await server.stop(grace_s)
