@@ -1,14 +1,21 @@
 """The ``tpserve`` command.
 
+    tpserve serve CONFIG               start the replicas and serve gRPC until SIGINT / SIGTERM
+    tpserve generate PROMPT            stream a completion from a running server to the terminal
+    tpserve generate --chat --json "Hi"   the prompt as a user turn; one JSON object as the result
+    tpserve health                     SERVING / NOT_SERVING and each replica (exit 0 only if SERVING)
     tpserve plan MODEL --tp N          how each weight matrix is split over N ranks, and what moves
     tpserve convert [MODEL]            turn the default model's GGUF into a checkpoint directory (once)
 
-Errors a user can fix (a bad config, a missing model) print one line and exit 2; no traceback.
+Errors a user can fix (a bad config, a missing model, a rejected request) print one line and exit
+2; a bad config prints exactly the config error's one line. A server that cannot be reached or
+fails a call exits 1. No traceback in either case.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from cluster.model_store import DEFAULT_MODEL
@@ -37,6 +44,58 @@ def _convert(args) -> None:
     print(resolve_model(args.model))
 
 
+def _serve(args) -> None:
+    import logging
+
+    from cluster.config import load_config
+    from cluster.server import run
+
+    cfg = load_config(args.config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run(cfg, grace_s=args.grace)
+
+
+def _generate(args) -> None:
+    from cluster.client import Client
+
+    if args.chat:
+        turns = [("system", args.system)] if args.system else []
+        inputs = {"messages": turns + [("user", args.prompt)]}
+    else:
+        inputs = {"prompt": args.prompt}
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, seed=args.seed, stop=args.stop or None,
+                    ignore_eos=args.ignore_eos or None)
+    with Client(args.address, timeout=args.timeout) as client:
+        if args.json:
+            print(json.dumps(client.generate(**inputs, **sampling).to_dict(), ensure_ascii=False))
+            return
+        for delta in client.stream(**inputs, **sampling):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def _health(args) -> int:
+    from cluster.client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        status = client.health()
+        print(status)
+        for r in client.model_info().replicas:
+            print(_replica_line(r))
+    return 0 if status == "SERVING" else 1
+
+
+def _replica_line(r) -> str:
+    nodes = sorted({p.node_id[:8] for p in r.ranks})
+    where = f"{len(r.ranks)} ranks on node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}"
+    if not r.healthy:
+        return f"replica {r.replica_id}: UNHEALTHY ({where}): {r.message}"
+    return (f"replica {r.replica_id}: healthy ({where}); running {r.running_requests}, "
+            f"waiting {r.waiting_requests}, KV blocks {r.kv_blocks_used}/{r.kv_blocks_total}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tpserve", description="Tensor-parallel LLM inference cluster")
     sub = p.add_subparsers(dest="command", required=True)
@@ -50,19 +109,64 @@ def parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert the default model from its GGUF (cached)")
     convert.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     convert.set_defaults(run=_convert)
+
+    serve = sub.add_parser("serve", help="serve a deployment config over gRPC")
+    serve.add_argument("config", help="deployment YAML, e.g. configs/default.yaml")
+    serve.add_argument("--grace", type=float, default=5.0,
+                       help="seconds requests in flight get to finish at shutdown (default 5)")
+    serve.set_defaults(run=_serve)
+
+    gen = sub.add_parser("generate", help="generate from a running server (streams by default)")
+    gen.add_argument("prompt")
+    _address_flags(gen, timeout=None)
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat turn")
+    gen.add_argument("--system", help="with --chat: a system turn before it")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, token_ids, finish_reason, usage) at the end")
+    gen.set_defaults(run=_generate)
+
+    health = sub.add_parser("health", help="the server's health and each replica's state")
+    _address_flags(health, timeout=5.0)
+    health.set_defaults(run=_health)
     return p
 
 
+def _address_flags(p: argparse.ArgumentParser, timeout: float | None) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051", help="server host:port (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=timeout, help="deadline in seconds")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cluster.client import TPServeError
+    from cluster.config import ConfigError
+
     args = parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
+    except ConfigError as err:
+        print(err, file=sys.stderr)  # already one line naming the file and the field
+        return 2
+    except TPServeError as err:
+        print(f"tpserve {args.command}: error: {err}", file=sys.stderr)
+        return 2 if err.code.name in _USER_ERROR_CODES else 1
     except (UsageError, ValueError, FileNotFoundError) as err:
         print(f"tpserve {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # DeploymentError, ServeError: the cluster or the port
+        print(f"tpserve {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+
+
+_USER_ERROR_CODES = {"INVALID_ARGUMENT", "UNIMPLEMENTED"}  # the request itself needs changing
 
 
 if __name__ == "__main__":
