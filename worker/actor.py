@@ -143,6 +143,7 @@ class RankWorker:
     # -- rank 0: requests in, outputs out ----------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
         for r in requests:
+            r.arrival = time.monotonic()  # this node's clock: queue times are measured here
             if self._failure is not None:
                 self._publish([RequestOutput(r.request_id, [], finish_reason=FinishReason.ERROR,
                                              error=self._failure)])
