@@ -28,24 +28,23 @@ def prompts(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_dir, prompts):
-    """transformers' prompt logits, greedy continuation (with its KV cache, past any EOS) and
-    the logits of each decode step."""
+    """transformers' prompt logits, greedy continuation (past any EOS) and the logits of each
+    decode step, recomputing the whole sequence every step."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     logits, tokens, steps = [], [], []
     with torch.no_grad():
         for p in prompts:
-            out = model(torch.tensor([p]), use_cache=True)
-            logits.append(out.logits[0])
-            gen = [int(out.logits[0, -1].argmax())]
-            past, rows = out.past_key_values, []
+            ids = torch.tensor([p])
+            out = model(ids).logits[0]
+            logits.append(out)
+            rows = []
             for _ in range(NEW_TOKENS - 1):
-                out = model(torch.tensor([[gen[-1]]]), past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                rows.append(out.logits[0, -1])
-                gen.append(int(rows[-1].argmax()))
-            tokens.append(gen)
+                ids = torch.cat([ids, out[-1].argmax().view(1, 1)], dim=1)
+                out = model(ids).logits[0]
+                rows.append(out[-1])
+            tokens.append(ids[0, len(p):].tolist() + [int(out[-1].argmax())])
             steps.append(torch.stack(rows))
     return logits, tokens, steps
 
