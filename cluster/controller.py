@@ -84,23 +84,31 @@ class Controller:
     def __init__(self, cfg: DeploymentConfig, *, cuda_available: bool | None = None):
         self.model_path = resolve_model(cfg.model.path)
         self.model = ModelConfig.from_dir(self.model_path)
+        self._owns_ray = False
         if cuda_available is None:
-            import torch
-
-            cuda_available = torch.cuda.is_available()
+            cuda_available = self._gpus_available(cfg)
         self.cfg = resolve(cfg, self.model, cuda_available=cuda_available)
         self.plan = ShardingPlan.build(self.model, self.cfg.parallel.tensor_parallel_size)
         self.num_blocks = kv_cache_blocks(self.cfg, self.model, self.plan)
         self.replicas: list[Replica] = []
-        self._owns_ray = False
         self.deployment_id = uuid.uuid4().hex[:8]  # names this deployment's placement groups
         self._placements = 0
+
+    def _gpus_available(self, cfg: DeploymentConfig) -> bool:
+        """Whether the ranks can have GPUs: this machine's for an embedded Ray, else the
+        cluster's (a head node without a GPU may drive GPU workers), which means joining it now."""
+        if cfg.ray.address is None and not ray.is_initialized():
+            import torch
+
+            return torch.cuda.is_available()
+        self._connect_ray(cfg)
+        return ray.cluster_resources().get("GPU", 0) > 0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, progress=None) -> None:
         """Ray up, then every replica placed, loaded and serving. `progress(replica, done, total)`
         is called while weights load."""
-        self._connect_ray()
+        self._connect_ray(self.cfg)
         for i in range(self.cfg.parallel.replicas):
             self.replicas.append(self._start_replica(i, progress))
 
@@ -132,16 +140,16 @@ class Controller:
         return self.replicas[replica_id]
 
     # -- steps ----------------------------------------------------------------------------------
-    def _connect_ray(self) -> None:
+    def _connect_ray(self, cfg: DeploymentConfig) -> None:
         if ray.is_initialized():
-            return  # a caller (a test session, an application) already runs Ray
-        r = self.cfg.ray
+            return  # a caller (a test session, an application) already runs Ray, or we joined
+        r = cfg.ray
         if r.address is None:
             ray.init(num_cpus=r.num_cpus, namespace=r.namespace, include_dashboard=False,
                      log_to_driver=True)
-            self._owns_ray = True
         else:
             ray.init(address=r.address, namespace=r.namespace)
+        self._owns_ray = True  # this driver's connection (and an embedded Ray) ends with shutdown()
 
     def _start_replica(self, replica_id: int, progress) -> Replica:
         tp = self.cfg.parallel.tensor_parallel_size
