@@ -111,6 +111,12 @@ def _text(value: Any) -> str:
     return value
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
 def _one_of(*choices: str) -> Check:
     def check(value):
         if value not in choices:
@@ -233,6 +239,7 @@ class ServerSettings:
     max_stop_strings: int = _field(_count, 8)  # per request
     max_stop_string_length: int = _field(_positive_int, 64)  # characters per stop string
     request_timeout_s: float | None = _field(_optional(_positive_number), None)
+    rebuild_failed_replicas: bool = _field(_flag, True)  # restart a replica whose rank died
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ actors died or whose engine failed; `restart()` rebuilds one.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -93,6 +94,8 @@ class Controller:
         self.replicas: list[Replica] = []
         self.deployment_id = uuid.uuid4().hex[:8]  # names this deployment's placement groups
         self._placements = 0
+        self._lifecycle = threading.Lock()  # restart (a monitor's thread) vs shutdown
+        self._closed = False
 
     def _gpus_available(self, cfg: DeploymentConfig) -> bool:
         """Whether the ranks can have GPUs: this machine's for an embedded Ray, else the
@@ -113,11 +116,13 @@ class Controller:
             self.replicas.append(self._start_replica(i, progress))
 
     def shutdown(self) -> None:
-        for replica in self.replicas:
-            self._stop_replica(replica)
-        self.replicas = []
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+        with self._lifecycle:  # waits for a restart in progress
+            self._closed = True
+            for replica in self.replicas:
+                self._stop_replica(replica)
+            self.replicas = []
+            if self._owns_ray and ray.is_initialized():
+                ray.shutdown()
 
     def check(self) -> list[Replica]:
         """Refreshes each replica's health; a dead actor or a failed engine marks it unhealthy."""
@@ -134,10 +139,13 @@ class Controller:
         return self.replicas
 
     def restart(self, replica_id: int, progress=None) -> Replica:
-        old = self.replicas[replica_id]
-        self._stop_replica(old)
-        self.replicas[replica_id] = self._start_replica(replica_id, progress)
-        return self.replicas[replica_id]
+        """Replaces a replica with a fresh one: new placement group, actors, process group."""
+        with self._lifecycle:
+            if self._closed:
+                raise DeploymentError("the deployment is shut down")
+            self._stop_replica(self.replicas[replica_id])
+            self.replicas[replica_id] = self._start_replica(replica_id, progress)
+            return self.replicas[replica_id]
 
     # -- steps ----------------------------------------------------------------------------------
     def _connect_ray(self, cfg: DeploymentConfig) -> None:

@@ -30,7 +30,10 @@ the loop thread only, so it needs no locks.
 Failure: a replica is taken out of routing when its poll reports a failure, a Ray call to it
 fails, or the monitor finds it unhealthy (a dead actor is seen within about a second). Its
 requests in flight end at once with `ReplicaUnavailable` (UNAVAILABLE) naming the failure, and
-`on_health(False)` is called. Every request in flight therefore ends in one of six ways: its
+`on_health(False)` is called. With `rebuild`, the monitor then starts a thread that asks the
+controller for a fresh replica (placement, actors, process group, weights), retrying with backoff;
+once it is up it takes requests again and `on_health(True)` follows if every replica is routable.
+Every request in flight therefore ends in one of six ways: its
 final output, an engine error, its replica's failure, its timeout, an abort by its client, or
 `close()`; `RequestHandle.next()` waits for nothing else.
 """
@@ -58,6 +61,7 @@ POLL_S = 0.5  # a poll returns after this long even when nothing was produced
 RAY_CALL_TIMEOUT_S = 15.0  # a submit/abort/poll call that takes longer marks its replica failed
 MONITOR_INTERVAL_S = 1.0  # health check and stats refresh period
 STATS_TIMEOUT_S = 5.0
+REBUILD_RETRY_S = (5.0, 15.0, 60.0)  # waits after failed rebuild attempts; the last one repeats
 
 
 class Overloaded(Exception):
@@ -247,10 +251,12 @@ def _runs(ops: list[tuple[str, object]]):
 
 class Router:
     def __init__(self, controller, policy: AdmissionPolicy, metrics,
-                 on_health: Callable[[bool], None] | None = None):
+                 on_health: Callable[[bool], None] | None = None, rebuild: bool = False):
         self.controller = controller
         self.policy = policy
         self.metrics = metrics
+        self.rebuild = rebuild
+        self._rebuilding: set[int] = set()  # replica ids with a rebuild thread (monitor side)
         self._on_health = on_health or (lambda serving: None)
         self._links: list[_ReplicaLink] = []
         self._ids = itertools.count()
@@ -405,6 +411,16 @@ class Router:
         self.metrics.replica_stats(replica_id, {})  # nothing runs there any more
         self._on_health(self.serving)
 
+    def _revive(self, replica) -> None:
+        """Loop thread: a rebuilt replica takes requests again."""
+        if self._closed:
+            return  # the controller's shutdown stops it
+        link = _ReplicaLink(replica, self._loop, self._deliver, self._fail_replica)
+        self._links[replica.replica_id] = link
+        link.start()
+        self.metrics.replica_health(replica.replica_id, True)
+        self._on_health(self.serving)
+
     def _failures(self) -> str:
         return "; ".join(f"replica {l.replica_id}: {l.failure}" for l in self._links) or "none started"
 
@@ -413,6 +429,7 @@ class Router:
         while True:
             try:
                 self._check_health()
+                self._start_rebuilds()
                 self._refresh_stats()
             except Exception:  # keep monitoring; a replica's own failure is reported above
                 log.exception("replica monitor")
@@ -424,6 +441,36 @@ class Router:
             if not replica.healthy:
                 self._report(self._fail_replica, replica.replica_id,
                              replica.failure or "the replica is unhealthy")
+
+    def _start_rebuilds(self) -> None:
+        """A replica taken out of routing gets one rebuild thread (when rebuilding is on)."""
+        if not self.rebuild:
+            return
+        for replica in self.controller.replicas:
+            rid = replica.replica_id
+            if replica.healthy or rid in self._rebuilding or self._links[rid].routable:
+                continue
+            self._rebuilding.add(rid)
+            threading.Thread(target=self._rebuild, args=(rid,), name=f"tpserve-rebuild{rid}",
+                             daemon=True).start()
+
+    def _rebuild(self, replica_id: int) -> None:
+        """Rebuild thread: new placement, actors and process group; retried with backoff."""
+        for attempt in itertools.count():
+            if self._stopping.is_set():
+                break
+            try:
+                replica = self.controller.restart(replica_id)
+            except Exception as exc:
+                wait = REBUILD_RETRY_S[min(attempt, len(REBUILD_RETRY_S) - 1)]
+                log.error("rebuilding replica %d failed (%s); trying again in %g s", replica_id, exc, wait)
+                if self._stopping.wait(wait):
+                    break
+                continue
+            log.info("replica %d rebuilt", replica_id)
+            self._report(self._revive, replica)
+            break
+        self._rebuilding.discard(replica_id)
 
     def _refresh_stats(self) -> None:
         refs = {r.replica_id: r.head.stats.remote() for r in self.controller.replicas if r.healthy}

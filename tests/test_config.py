@@ -136,6 +136,8 @@ def test_check_against_model_accepts_uneven_tp():
 # --- broken configs: (yaml text, field path in the message, shown bad value) ---
 
 BROKEN = {
+    "string for a flag": ("model: {path: m}\nserver:\n  rebuild_failed_replicas: yes please\n",
+                          "server.rebuild_failed_replicas", "must be true or false, got 'yes please'"),
     "missing model.path": ("model:\n  dtype: auto\n", "model.path", "missing required field"),
     "missing model section": ("parallel:\n  replicas: 1\n", "model.path", "missing required field"),
     "string for int": ("model: {path: m}\nparallel:\n  tensor_parallel_size: two\n",
@@ -235,7 +237,8 @@ def test_unknown_key_without_a_close_match_lists_the_known_ones():
         parse_config({"model": {"path": "m"}, "server": {"zzz": 1}})
     assert str(info.value) == ("<string>: server.zzz: unknown field (known: host, port, "
                                "metrics_port, max_queued_requests, max_concurrent_requests, "
-                               "max_stop_strings, max_stop_string_length, request_timeout_s)")
+                               "max_stop_strings, max_stop_string_length, request_timeout_s, "
+                               "rebuild_failed_replicas)")
 
 
 def test_missing_file_is_one_line(tmp_path):

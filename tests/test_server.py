@@ -354,13 +354,28 @@ def test_cli_serve_bad_config_is_one_line(tmp_path, capsys):
     assert err == f"{bad}: server.port: must be a port number from 0 to 65535 (0 = pick a free port), got 99999\n"
 
 
+def test_a_replica_with_a_killed_rank_is_rebuilt_and_serves_again(srv):
+    """rebuild_failed_replicas (on by default): out of routing at once, back within a minute."""
+    with Client(srv.address, timeout=60) as c:
+        victim = srv.server.controller.replicas[0]
+        old_pids = {n["pid"] for n in victim.nodes}
+        os.kill(victim.nodes[1]["pid"], signal.SIGKILL)
+        assert wait_for(lambda: c.health() == "NOT_SERVING", 10)
+        assert wait_for(lambda: c.health() == "SERVING", 90)
+        rebuilt = srv.server.controller.replicas[0]
+        assert not old_pids & {n["pid"] for n in rebuilt.nodes}, "fresh processes"
+        (state,) = c.model_info().replicas
+        assert state.healthy
+        assert "Paris" in c.generate("The capital of France is", max_tokens=8, **GREEDY).text
+
+
 # --- two replicas: overload, timeout, a killed worker ----------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def pair(ray_cluster, smollm2_dir, srv):
     cfg = config(smollm2_dir, replicas=2, max_batch_size=4, max_tokens_per_step=64, max_queued_requests=4,
-                 collective_timeout_s=5, request_timeout_s=8)
+                 collective_timeout_s=5, request_timeout_s=8, rebuild_failed_replicas=False)
     with ServerThread(cfg) as server:
         yield server
 
