@@ -72,8 +72,11 @@ def decode_step(batch: int, vocab: int) -> StepInput:
     )
 
 
-def _rank(rank, tp, threads, backend, port, model, batches, iters, out):
+def _rank(rank, tp, threads, backend, port, model, batches, iters, out, pin):
     torch.set_num_threads(threads)
+    if pin and tp > 1:  # one core per rank, so two spinning ranks never share one
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     store = dist.TCPStore("127.0.0.1", port, tp, False, timeout=datetime.timedelta(seconds=120))
     group = TPGroup.connect(store, rank, tp, "cpu", backend=backend, timeout_s=120, tag="bench")
     cfg = ModelConfig.from_hf(LLAMA_1B) if model == "1b" else ModelConfig.from_dir(model)
@@ -102,11 +105,11 @@ def _rank(rank, tp, threads, backend, port, model, batches, iters, out):
     group.close()
 
 
-def measure(model, tp, threads, backend, batches, iters) -> dict:
+def measure(model, tp, threads, backend, batches, iters, pin=False) -> dict:
     ctx = mp.get_context("spawn")
     store = open_store("127.0.0.1", 0, tp + 1, True, 120)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, tp, threads, backend, store.port, model, batches, iters, out))
+    procs = [ctx.Process(target=_rank, args=(r, tp, threads, backend, store.port, model, batches, iters, out, pin))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -124,13 +127,14 @@ def main():
     ap.add_argument("--models", default="default,1b", help="comma list of: default, 1b, or a checkpoint dir")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--pin", action="store_true", help="pin each TP=2 rank to its own core")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     speedup = None
     for name in args.models.split(","):
         model = "1b" if name == "1b" else str(resolve_model(DEFAULT_MODEL if name == "default" else name))
         label = "Llama ~1.2B (random, hidden 2048, 16 layers)" if model == "1b" else f"{name} model"
-        rows = {setup: measure(model, tp, threads, backend, batches, args.iters)
+        rows = {setup: measure(model, tp, threads, backend, batches, args.iters, args.pin)
                 for setup, tp, threads, backend in SETUPS}
         print(f"\n{label}: decode step, {CONTEXT} tokens of context per sequence, median of {args.iters}")
         print(f"  {'':28s}" + "".join(f"{'batch ' + str(b):>24s}" for b in batches))

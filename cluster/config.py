@@ -208,6 +208,7 @@ class DeviceSettings:
     cpus_per_rank: float = _field(_positive_number, 1.0)  # Ray CPU resources per rank
     threads_per_rank: int | None = _field(_optional(_positive_int), None)  # parsed: never None
     gpus_per_rank: float = _field(_positive_number, 1.0)  # used when type is cuda
+    pin_ranks: bool = _field(_flag, True)  # shm ranks: each on cores of its own
 
 
 @dataclass(frozen=True)

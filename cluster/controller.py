@@ -206,7 +206,7 @@ class Controller:
         spec = WorkerSpec(
             replica_id=replica_id, rank=rank, world_size=self.plan.tp,
             model_ref=self.cfg.model.path, plan=self.plan.ranks[rank], dtype=self.cfg.model.dtype,
-            device=d.type, threads=d.threads_per_rank, block_size=e.block_size,
+            device=d.type, threads=d.threads_per_rank, pin=d.pin_ranks, block_size=e.block_size,
             num_blocks=self.num_blocks, max_batch_size=e.max_batch_size,
             max_tokens_per_step=e.max_tokens_per_step, max_model_len=e.max_model_len,
             collective_timeout_s=e.collective_timeout_s,

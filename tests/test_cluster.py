@@ -64,6 +64,14 @@ def test_idle_replica_outlives_its_collective_timeout(tp2):
     assert tp2.controller.replicas[0].backend == "shm"
 
 
+def test_shared_memory_ranks_are_pinned_to_cores_of_their_own(tp2):
+    import ray
+
+    (replica,) = tp2.controller.replicas
+    cpus = [ray.get(a.node_info.remote())["cpus"] for a in replica.ranks]
+    assert all(len(c) == 1 for c in cpus) and cpus[0] != cpus[1]
+
+
 def test_replica_spanning_nodes(ray_cluster, smollm2_dir, tp2):
     llm = LLM(config(smollm2_dir, placement="strict_spread", address="auto"))
     try:
