@@ -39,7 +39,7 @@ HF_BATCH = 16
 def workload(n: int, vocab: int, seed: int, max_output: int):
     rng = random.Random(seed)
     reqs = []
-    for i in range(n):
+    for _ in range(n):
         prompt = [rng.randrange(100, vocab) for _ in range(rng.randint(16, 512))]
         reqs.append((prompt, rng.randint(16, max_output)))
     return reqs

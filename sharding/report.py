@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from sharding.plan import DTYPE_BYTES, LocalWeight, ShardingPlan, Split
+from sharding.plan import DTYPE_BYTES, ShardingPlan, Split
 
 _BLOCK = re.compile(r"(?<=\.)(layers|h)\.(\d+)\.")
 SPLIT_WORDS = {
