@@ -106,7 +106,3 @@ class BlockManager:
         table = self.tables.pop(seq_id, [])
         self._free.extend(reversed(table))
         return len(table)
-
-    def slot(self, seq_id: int, position: int) -> int:
-        table = self.tables[seq_id]
-        return table[position // self.block_size] * self.block_size + position % self.block_size

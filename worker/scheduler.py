@@ -139,7 +139,3 @@ class Scheduler:
             self.running.append(seq)
             step.items.append((seq, n))
             budget -= n
-
-    def too_large(self, seq: Sequence) -> bool:
-        """True when the sequence could never fit in the whole KV cache."""
-        return -(-seq.num_tokens // self.blocks.block_size) > self.blocks.num_blocks
