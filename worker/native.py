@@ -1,0 +1,142 @@
+"""The native CPU kernel: decode attention read straight from the paged KV cache.
+
+The pure-torch path (`worker.attention`) has to copy each sequence's blocks into a padded buffer
+before `scaled_dot_product_attention` can use them; on CPU that copy and the padded attention cost
+more than the attention itself. `csrc/paged_attention.cpp` walks the block tables instead and reads
+every cached key and value exactly once (see its header comment).
+
+It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
+else ``c++``), about 15 s, and cached under ``$TPSERVE_CACHE/native`` (default
+``~/.cache/tpserve/native``) keyed by the source, the torch version and this CPU, so every process
+after the first just loads it. ``make`` builds it at install time (``python -m worker.native``).
+Builders racing each other are safe: each writes a private file and renames it into place.
+
+Where it cannot be built (no compiler) or is switched off (``TPSERVE_NATIVE=0``), the torch path
+runs instead, with one warning; results agree within float rounding (tests/test_native.py).
+CUDA always uses the torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+LIB_NAME = "tpserve_native.so"
+_state: dict[str, object] = {}  # "loaded": bool, "error": str
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("TPSERVE_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "tpserve") / "native"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compile_command(compiler: str, source: Path, out: Path) -> list[str]:
+    tdir = Path(torch.__file__).resolve().parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    return [
+        compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+        f"-I{tdir / 'include'}", f"-I{tdir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        str(source), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}",
+        "-o", str(out),
+    ]
+
+
+def library_path() -> Path:
+    """Where this source, built against this torch for this CPU, is cached."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_identity().encode(),
+                 " ".join(_compile_command("c++", Path("src"), Path("out"))).encode()):
+        key.update(part)
+    return _cache_root() / key.hexdigest()[:16] / LIB_NAME
+
+
+def build(quiet: bool = False) -> Path:
+    """Compiles the kernel unless it is cached; returns the library's path. Raises RuntimeError."""
+    lib = library_path()
+    if lib.is_file():
+        return lib
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} not found; set CXX or install g++)")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        log.warning("tpserve: compiling the native attention kernel (once per machine, ~15 s)")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(_compile_command(compiler, SOURCE, Path(tmp)), capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"{compiler} failed: " + " | ".join(tail))
+        os.replace(tmp, lib)  # atomic: a racing builder's result is identical
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def available() -> bool:
+    """True once the kernel is loaded into this process (building it if needed)."""
+    if "loaded" not in _state:
+        if os.environ.get("TPSERVE_NATIVE", "1") == "0":
+            _state.update(loaded=False, error="switched off by TPSERVE_NATIVE=0")
+        else:
+            try:
+                torch.ops.load_library(str(build()))
+                _state["loaded"] = True
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                _state.update(loaded=False, error=str(e))
+                log.warning("tpserve: native attention kernel unavailable, using the torch path: %s", e)
+    return bool(_state["loaded"])
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else str(_state.get("error"))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           window: int | None, out: torch.Tensor) -> None:
+    """out[i] = attention of q[i] (heads, d) over the first context_lens[i] cached tokens of the
+    sequence whose blocks block_tables[i] lists (the last `window` of them, when given)."""
+    torch.ops.tpserve.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                             scale, window or 0, out)
+
+
+def main() -> int:
+    """``python -m worker.native``: build (or find) the kernel and say where it is."""
+    try:
+        lib = build()
+    except RuntimeError as e:
+        print(f"native attention kernel not built ({e}); the torch path will be used", file=sys.stderr)
+        return 0
+    print(f"native attention kernel: {lib}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
