@@ -17,6 +17,9 @@ scratch buffers owned by the cache and reused by every layer (a fresh tens-of-MB
 layer costs more in page faults than the copy itself).
 
 Sliding windows (Mistral, some Qwen2 layers) add ``key > query - window`` to the masks.
+
+On CPU, when the native kernel is built (`worker.native`), decodes skip all of the above: it reads
+each sequence's blocks where they lie, through its block table, with no copy and no padding.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from worker import native
 from worker.kv_cache import LayerCache
 from worker.step import StepInput
 
@@ -58,16 +62,29 @@ class PrefillChunk:
 
 
 @dataclass
+class NativeDecodes:
+    """The decodes' block tables and context lengths, as the native kernel reads them."""
+
+    block_tables: torch.Tensor  # (decodes, max_blocks) int64
+    context_lens: torch.Tensor  # (decodes,) int64
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (tokens,)
     num_decodes: int
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    native_decodes: NativeDecodes | None = None
 
     @classmethod
     def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, num_blocks: int,
-              device: torch.device) -> "AttentionMetadata":
+              device: torch.device, use_native: bool = False) -> "AttentionMetadata":
         nd = step.num_decodes
+        prefills = _prefills(step, block_size, windows, kv_heads, num_blocks, device)
+        if use_native:
+            decodes = NativeDecodes(step.block_tables[:nd].contiguous(), step.context_lens[:nd].contiguous())
+            return cls(step.slot_mapping.to(device), nd, [], prefills, decodes)
         clens = step.context_lens.tolist()
         groups = []
         order = sorted(range(nd), key=clens.__getitem__)
@@ -83,8 +100,7 @@ class AttentionMetadata:
                     m &= keys[None, :] > (ctx[:, None] - 1 - w)
                 kv.masks[w] = m[:, None, None, :].to(device)  # (seqs, 1, 1, length)
             groups.append(DecodeGroup(torch.tensor(idx, device=device), kv))
-        return cls(step.slot_mapping.to(device), nd, groups,
-                   _prefills(step, block_size, windows, kv_heads, num_blocks, device))
+        return cls(step.slot_mapping.to(device), nd, groups, prefills)
 
 
 def _gathered(tables: torch.Tensor, longest: int, block_size: int, kv_heads: int, num_blocks: int,
@@ -137,6 +153,11 @@ def paged_attention(
     n, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
+    nat = meta.native_decodes
+    if nat is not None and meta.num_decodes:
+        nd = meta.num_decodes
+        native.paged_decode_attention(q[:nd], cache.k, cache.v, nat.block_tables, nat.context_lens,
+                                      scale, window, out[:nd])
     for g in meta.decode_groups:
         ks, vs = _gather(cache, g.kv)
         qd = q.index_select(0, g.tokens).view(g.kv.seqs, hkv, hq // hkv, d)  # a KV head's queries adjacent

@@ -24,6 +24,7 @@ from sharding.arch import ModelConfig, RopeConfig
 from sharding.group import TPGroup
 from sharding.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from sharding.plan import RankPlan
+from worker import native
 from worker.attention import AttentionMetadata, paged_attention
 from worker.kv_cache import KVCache, LayerCache
 from worker.step import StepInput
@@ -162,6 +163,8 @@ class Transformer:
         if cfg.rope is not None:
             self.rope = Rope(cfg.rope, cfg.head_dim, self.max_positions, self.dtype, self.device)
         self.windows = set(cfg.sliding_windows)
+        # Decode attention straight from the paged cache, on CPU where the kernel builds.
+        self.native_attention = self.device.type == "cpu" and native.available()
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.cfg.num_layers, self.plan.num_kv_heads, self.cfg.head_dim,
@@ -174,7 +177,7 @@ class Transformer:
             positions=positions,
             logits_indices=step.logits_indices.to(self.device),
             attn=AttentionMetadata.build(step, cache.block_size, self.windows, self.plan.num_kv_heads,
-                                         cache.num_blocks, self.device),
+                                         cache.num_blocks, self.device, self.native_attention),
             rope=self.rope.tables(positions) if self.rope is not None else None,
         )
 
