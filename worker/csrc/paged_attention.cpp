@@ -39,27 +39,6 @@ inline float dot(const float* q, const T* k, int64_t d) {
   return s;
 }
 
-// s[j] = q . k_j for `rows` consecutive key rows of width D. Eight rows at a time share each load
-// of q and are summed across lanes once at the end, instead of once per key.
-template <int64_t D, typename T>
-inline void dots(const float* q, const T* k, int64_t rows, float* s, int64_t d) {
-  int64_t j = 0;
-  if constexpr (D > 0 && D % 8 == 0) {
-    for (; j + 8 <= rows; j += 8) {
-      float acc[8][8] = {};
-      for (int64_t x = 0; x < D; x += 8)
-        for (int r = 0; r < 8; ++r)
-          for (int l = 0; l < 8; ++l) acc[r][l] += q[x + l] * static_cast<float>(k[(j + r) * D + x + l]);
-      for (int r = 0; r < 8; ++r) {
-        float t = 0.f;
-        for (int l = 0; l < 8; ++l) t += acc[r][l];
-        s[j + r] = t;
-      }
-    }
-  }
-  for (; j < rows; ++j) s[j] = dot<D>(q, k + j * d, d);
-}
-
 template <int64_t D, typename T>
 inline void axpy(float p, const T* v, float* acc, int64_t d) {
   if constexpr (D > 0) d = D;
