@@ -11,14 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from sharding.group import TPGroup
-
-
-ONEDNN_MAX_ROWS = 16  # at most this many rows (decode-sized batches) go to oneDNN
+from worker import native  # the decode-sized kernels (a module of plain functions, no cycle)
 
 
 def _onednn_usable(w: torch.Tensor) -> bool:
     """oneDNN's fp32 matmul on the plain weight, where this torch build has it."""
-    if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         torch.ops.mkldnn._linear_pointwise(w.new_zeros(1, w.shape[1]), w, None, "none", [], "")
@@ -31,21 +29,28 @@ class Linear:
     """y = x Wᵀ (+ b) on one rank's weight.
 
     Two kernels on one weight, chosen per call by the number of rows. Decode-sized inputs (a few
-    rows) go to oneDNN, which streams the weight at close to memory bandwidth on our AVX2 hosts;
-    MKL's BLAS, which `F.linear` uses, re-packs the weight per call and runs those shapes 1.3-2.5x
+    rows) are memory-bound: they go to our matrix-vector kernel (`worker.native`), which streams
+    the weight once at close to memory bandwidth, or, where it is not built, to oneDNN; MKL's
+    BLAS, which `F.linear` uses, re-packs the weight per call and runs those shapes 1.3-2.5x
     slower. Larger inputs (prefill) use `F.linear`, the same BLAS call transformers makes, so
-    prompt logits match it bit for bit at TP=1. oneDNN rounds about twice as much as BLAS (both are
-    fp32-accurate), which moves decode-step logits of the 30-layer default model by ~1e-4.
+    prompt logits match it bit for bit at TP=1. The small-input kernels sum in a different order
+    than BLAS (both are fp32-accurate), which moves decode-step logits of the 30-layer default
+    model by ~1e-4.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
-        self.onednn = weight.numel() > 0 and _onednn_usable(weight)
+        small = weight.numel() > 0 and weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.native = small and weight.is_contiguous() and native.available()
+        self.onednn = small and not self.native and _onednn_usable(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.onednn and x.shape[0] <= ONEDNN_MAX_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if x.shape[0] <= native.DECODE_MAX_ROWS:
+            if self.native:
+                return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
+            if self.onednn:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 

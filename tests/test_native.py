@@ -1,8 +1,10 @@
-"""The native decode-attention kernel against an independent float64 reference, and against the
-torch path (gather + SDPA) inside `paged_attention` on mixed steps of decodes and prefill chunks.
+"""The native kernels (worker/csrc) on their own: decode attention against an independent float64
+reference and against the torch path (gather + SDPA) inside `paged_attention` on mixed steps, and
+the decode-sized float32 operations (matrix-vector product, add + RMS norm, rope, silu·up) against
+float64 or the torch formulas.
 
-The rest of the suite (parity with transformers, batch invariance) runs with the kernel on CPU, so
-these tests pin the kernel down on its own, across dtypes, head sizes, GQA ratios and windows."""
+The rest of the suite (parity with transformers, batch invariance) runs with the kernels on CPU;
+these tests pin them down across dtypes, head sizes, GQA ratios, windows, strides and tails."""
 
 from __future__ import annotations
 
@@ -124,3 +126,66 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window):
         assert (meta.native_decodes is not None) == use_native
         outs.append(paged_attention(q, k, v, cache, meta, window, d ** -0.5))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+
+
+# -- the decode-sized float32 operations ------------------------------------------------------
+@pytest.mark.parametrize("m,k,n,bias", [(1, 576, 960, False), (2, 576, 3072, True), (3, 1536, 577, False),
+                                        (16, 64, 5, True), (5, 37, 13, True)])
+def test_small_linear_matches_float64(m, k, n, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    wide = torch.randn(m, k + 24, generator=g)
+    x = wide[:, 8:8 + k]  # rows apart in memory, as a slice of a wider activation
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = native.small_linear(x, w, b)
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+    # fp32 accumulation over k terms of size ~1: error grows like sqrt(k) ulps of the result
+    tol = 4e-6 * k ** 0.5 * ref.abs().max().item() ** 0.5 + 1e-6
+    assert (got.double() - ref).abs().max().item() < tol
+
+
+def test_linear_uses_the_kernel_for_decode_sized_inputs_only():
+    from sharding.layers import Linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64), torch.randn(96)
+    lin = Linear(w, b)
+    assert lin.native
+    for rows in (1, native.DECODE_MAX_ROWS, native.DECODE_MAX_ROWS + 1):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), atol=2e-5, rtol=0)
+    big = torch.randn(native.DECODE_MAX_ROWS + 1, 64)
+    assert torch.equal(lin(big), torch.nn.functional.linear(big, w, b))  # prefill: BLAS itself
+
+
+def test_add_rms_norm_matches_float64():
+    g = torch.Generator().manual_seed(1)
+    x, delta, w = torch.randn(5, 576, generator=g), torch.randn(5, 576, generator=g), torch.randn(576, generator=g)
+    residual, out = native.add_rms_norm(x, delta, w, 1e-5)
+    s = x.double() + delta.double()
+    ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert torch.equal(residual, x + delta)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+def test_rope_in_place_on_a_strided_view_matches_the_torch_formula():
+    from worker.model import apply_rope
+
+    g = torch.Generator().manual_seed(2)
+    n, h, d = 3, 9, 64
+    qkv = torch.randn(n, (h + 6) * d, generator=g)
+    q = qkv[:, :h * d].view(n, h, d)
+    untouched = qkv[:, h * d:].clone()
+    angles = torch.rand(n, 1, d // 2, generator=g) * 6.3
+    expect = apply_rope(q.clone(), angles.cos(), angles.sin())
+    native.rope_(q, angles.cos(), angles.sin())
+    torch.testing.assert_close(q, expect, atol=1e-6, rtol=0)
+    assert torch.equal(qkv[:, h * d:], untouched)  # only q's columns were written
+
+
+def test_silu_mul_matches_float64():
+    g = torch.Generator().manual_seed(3)
+    gu = torch.randn(4, 2 * 1536, generator=g) * 4
+    gate, up = gu.double().chunk(2, dim=-1)
+    ref = gate * torch.sigmoid(gate) * up
+    assert (native.silu_mul(gu).double() - ref).abs().max().item() < 1e-5

@@ -77,6 +77,7 @@ class Batch:
     logits_indices: torch.Tensor
     attn: AttentionMetadata
     rope: tuple[torch.Tensor, torch.Tensor] | None
+    small: bool = False  # decode-sized float32 step on CPU: the fused native operations apply
 
 
 class Norm:
@@ -89,6 +90,15 @@ class Norm:
         if self.rms:
             return F.rms_norm(x, self.shape, self.weight, self.eps)
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, small: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)); no delta: (x, norm(x)). One native pass on small steps."""
+        if delta is None:
+            return x, self(x)
+        if small and self.rms:
+            return native.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 class Attention:
@@ -108,7 +118,11 @@ class Attention:
         k = k.reshape(n, self.hkv, self.d)
         v = v.reshape(n, self.hkv, self.d)
         if batch.rope is not None:
-            q, k = apply_rope(q, *batch.rope), apply_rope(k, *batch.rope)
+            if batch.small:  # in place, on this step's fresh projection
+                native.rope_(q, *batch.rope)
+                native.rope_(k, *batch.rope)
+            else:
+                q, k = apply_rope(q, *batch.rope), apply_rope(k, *batch.rope)
         cache.write(batch.attn.slot_mapping, k, v)
         o = paged_attention(q, k, v, cache, batch.attn, self.window, self.scale)  # (n, hq * d)
         return self.wo(o)  # all-reduce inside: the heads' partial outputs summed over ranks
@@ -122,9 +136,11 @@ class MLP:
         self.w_out = RowParallelLinear(w[f"{p}.w_out.weight"], w.get(f"{p}.w_out.bias"), group)
         self.gelu = "tanh" if cfg.act == "gelu_tanh" else "none"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, small: bool) -> torch.Tensor:
         h = self.w_in(x)
-        if self.gated:
+        if self.gated and small:
+            h = native.silu_mul(h)
+        elif self.gated:
             gate, up = h.chunk(2, dim=-1)  # this rank's [gate; up] rows
             h = F.silu(gate) * up
         else:
@@ -140,9 +156,13 @@ class Block:
         self.mlp_norm = Norm(cfg, w[f"{p}.mlp_norm.weight"], w.get(f"{p}.mlp_norm.bias"))
         self.mlp = MLP(cfg, w, i, group)
 
-    def __call__(self, x: torch.Tensor, batch: Batch, cache: LayerCache) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), batch, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch,
+                 cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream comes in and goes out as x + delta (no delta before the first block),
+        so that every residual add is done together with the norm that follows it."""
+        x, h = self.attn_norm.add_norm(x, delta, batch.small)
+        x, h = self.mlp_norm.add_norm(x, self.attn(h, batch, cache), batch.small)
+        return x, self.mlp(h, batch.small)
 
 
 class Transformer:
@@ -163,8 +183,10 @@ class Transformer:
         if cfg.rope is not None:
             self.rope = Rope(cfg.rope, cfg.head_dim, self.max_positions, self.dtype, self.device)
         self.windows = set(cfg.sliding_windows)
-        # Decode attention straight from the paged cache, on CPU where the kernel builds.
+        # Decode attention straight from the paged cache, on CPU where the kernels build; and
+        # fused float32 operations for decode-sized steps.
         self.native_attention = self.device.type == "cpu" and native.available()
+        self.native_small = self.native_attention and self.dtype == torch.float32
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.cfg.num_layers, self.plan.num_kv_heads, self.cfg.head_dim,
@@ -179,6 +201,7 @@ class Transformer:
             attn=AttentionMetadata.build(step, cache.block_size, self.windows, self.plan.num_kv_heads,
                                          cache.num_blocks, self.device, self.native_attention),
             rope=self.rope.tables(positions) if self.rope is not None else None,
+            small=self.native_small and positions.shape[0] <= native.DECODE_MAX_ROWS,
         )
 
     @torch.inference_mode()
@@ -187,7 +210,9 @@ class Transformer:
         x = self.embed(batch.input_ids)  # (tokens, hidden), all-reduced
         if self.pos_embed is not None:
             x = x + F.embedding(batch.positions, self.pos_embed)
+        delta = None
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer(x, batch, layer_cache)
-        x = self.norm(x[batch.logits_indices])  # norms are per token: only the wanted ones
+            x, delta = layer(x, delta, batch, layer_cache)
+        idx = batch.logits_indices
+        _, x = self.norm.add_norm(x[idx], delta[idx], batch.small)  # per token: only the wanted ones
         return self.lm_head(x)  # gathered on rank 0

@@ -1,19 +1,26 @@
-"""The native CPU kernel: decode attention read straight from the paged KV cache.
+"""Native CPU kernels for decode steps.
 
-The pure-torch path (`worker.attention`) has to copy each sequence's blocks into a padded buffer
-before `scaled_dot_product_attention` can use them; on CPU that copy and the padded attention cost
-more than the attention itself. `csrc/paged_attention.cpp` walks the block tables instead and reads
-every cached key and value exactly once (see its header comment).
+* `csrc/paged_attention.cpp`: decode attention read straight from the paged KV cache. The
+  pure-torch path (`worker.attention`) has to copy each sequence's blocks into a padded buffer
+  before `scaled_dot_product_attention` can use them; on CPU that copy and the padded attention
+  cost more than the attention itself. The kernel walks the block tables instead and reads every
+  cached key and value exactly once.
+* `csrc/decode_ops.cpp`: float32 operations on decode-sized inputs (a few rows): a matrix-vector
+  product that streams each weight once at close to memory bandwidth, and fused residual-add +
+  RMS norm, rotary embedding and silu·up, which replace a few dozen small aten calls per layer.
+  Larger inputs (prefill) keep the torch operators, so prompt logits stay those of transformers.
 
 It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
 else ``c++``), about 15 s, and cached under ``$TPSERVE_CACHE/native`` (default
-``~/.cache/tpserve/native``) keyed by the source, the torch version and this CPU, so every process
+``~/.cache/tpserve/native``) keyed by the sources, the torch version and this CPU, so every process
 after the first just loads it. ``make`` builds it at install time (``python -m worker.native``).
 Builders racing each other are safe: each writes a private file and renames it into place.
 
 Where it cannot be built (no compiler) or is switched off (``TPSERVE_NATIVE=0``), the torch path
 runs instead, with one warning; results agree within float rounding (tests/test_native.py).
 CUDA always uses the torch path.
+
+DECODE_MAX_ROWS is where the small-input operations stop paying: past it, BLAS's blocked GEMM wins.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+SOURCES = sorted((Path(__file__).resolve().parent / "csrc").glob("*.cpp"))
 LIB_NAME = "tpserve_native.so"
 _state: dict[str, object] = {}  # "loaded": bool, "error": str
+DECODE_MAX_ROWS = 16
 
 
 def _cache_root() -> Path:
@@ -52,14 +60,14 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _compile_command(compiler: str, source: Path, out: Path) -> list[str]:
+def _compile_command(compiler: str, sources: list[Path], out: Path) -> list[str]:
     tdir = Path(torch.__file__).resolve().parent
     abi = int(torch.compiled_with_cxx11_abi())
     return [
         compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
         f"-I{tdir / 'include'}", f"-I{tdir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-        str(source), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}",
+        *map(str, sources), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}",
         "-o", str(out),
     ]
 
@@ -67,8 +75,8 @@ def _compile_command(compiler: str, source: Path, out: Path) -> list[str]:
 def library_path() -> Path:
     """Where this source, built against this torch for this CPU, is cached."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_identity().encode(),
-                 " ".join(_compile_command("c++", Path("src"), Path("out"))).encode()):
+    for part in (*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), _cpu_identity().encode(),
+                 " ".join(_compile_command("c++", [Path("src")], Path("out"))).encode()):
         key.update(part)
     return _cache_root() / key.hexdigest()[:16] / LIB_NAME
 
@@ -83,11 +91,11 @@ def build(quiet: bool = False) -> Path:
         raise RuntimeError(f"no C++ compiler ({compiler!r} not found; set CXX or install g++)")
     lib.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        log.warning("tpserve: compiling the native attention kernel (once per machine, ~15 s)")
+        log.warning("tpserve: compiling the native kernels (once per machine, ~15 s)")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
-        proc = subprocess.run(_compile_command(compiler, SOURCE, Path(tmp)), capture_output=True, text=True,
+        proc = subprocess.run(_compile_command(compiler, SOURCES, Path(tmp)), capture_output=True, text=True,
                               timeout=600)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -110,7 +118,7 @@ def available() -> bool:
                 _state["loaded"] = True
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 _state.update(loaded=False, error=str(e))
-                log.warning("tpserve: native attention kernel unavailable, using the torch path: %s", e)
+                log.warning("tpserve: native kernels unavailable, using the torch path: %s", e)
     return bool(_state["loaded"])
 
 
@@ -127,14 +135,41 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                              scale, window or 0, out)
 
 
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ (+ b) for a few rows of float32 x (rows contiguous); W (out, in) contiguous."""
+    out = x.new_empty((x.shape[0], weight.shape[0]))
+    torch.ops.tpserve.small_linear(x, weight, bias, out)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta) · weight), in one pass; contiguous float32 (rows, hidden)."""
+    residual, out = torch.empty_like(x), torch.empty_like(x)
+    torch.ops.tpserve.add_rms_norm(x, delta, weight, eps, residual, out)
+    return residual, out
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates x (tokens, heads, d) in place; cos, sin hold d/2 values per token."""
+    torch.ops.tpserve.rope_(x, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up for gate_up = [gate | up] (rows, 2f)."""
+    out = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+    torch.ops.tpserve.silu_mul(gate_up, out)
+    return out
+
+
 def main() -> int:
     """``python -m worker.native``: build (or find) the kernel and say where it is."""
     try:
         lib = build()
     except RuntimeError as e:
-        print(f"native attention kernel not built ({e}); the torch path will be used", file=sys.stderr)
+        print(f"native kernels not built ({e}); the torch path will be used", file=sys.stderr)
         return 0
-    print(f"native attention kernel: {lib}")
+    print(f"native kernels: {lib}")
     return 0
 
 
