@@ -130,7 +130,7 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window):
 
 # -- the decode-sized float32 operations ------------------------------------------------------
 @pytest.mark.parametrize("m,k,n,bias", [(1, 576, 960, False), (2, 576, 3072, True), (3, 1536, 577, False),
-                                        (16, 64, 5, True), (5, 37, 13, True)])
+                                        (16, 64, 5, True), (3, 56, 9, False), (5, 37, 13, True)])
 def test_small_linear_matches_float64(m, k, n, bias):
     g = torch.Generator().manual_seed(m * 1000 + n)
     wide = torch.randn(m, k + 24, generator=g)
