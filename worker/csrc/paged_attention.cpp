@@ -30,6 +30,23 @@ inline void prefetch_row(const T* p, int64_t d) {
   for (int64_t o = 0; o < d * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o);
 }
 
+// Calls fn(t, row) for the cached tokens t = start .. L-1 of one sequence and KV head, in order;
+// `head` is that head's first block and `table` the sequence's block table. Each token's row in
+// the next block is prefetched while this block's row is used.
+template <typename T, typename Fn>
+inline void for_each_row(const T* head, const int64_t* table, int64_t bs, int64_t d, int64_t start,
+                         int64_t L, Fn&& fn) {
+  for (int64_t t = start; t < L;) {
+    const int64_t b = t / bs, stop = std::min(L, (b + 1) * bs);
+    const T* block = head + table[b] * bs * d;
+    const T* next = stop < L ? head + table[b + 1] * bs * d : nullptr;
+    for (; t < stop; ++t) {
+      if (next) prefetch_row(next + (t % bs) * d, d);
+      fn(t, block + (t % bs) * d);
+    }
+  }
+}
+
 template <int64_t D, typename T>
 inline float dot(const float* q, const T* k, int64_t d) {
   if constexpr (D > 0) d = D;
@@ -78,16 +95,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const T* vh = vp + h * num_blocks * bs * d;
       const int64_t* table = tp + i * ts0;
       // scores[g * span + (t - start)] = q_g . k_t
-      for (int64_t t = start; t < L;) {
-        const int64_t b = t / bs, stop = std::min(L, (b + 1) * bs);
-        const T* kb = kh + table[b] * bs * d;
-        const T* kn = stop < L ? kh + table[b + 1] * bs * d : nullptr;
-        for (; t < stop; ++t) {
-          const T* kr = kb + (t % bs) * d;
-          if (kn) prefetch_row(kn + (t % bs) * d, d);
-          for (int64_t g = 0; g < G; ++g) scores[g * span + t - start] = dot<D>(&qf[g * d], kr, d);
-        }
-      }
+      for_each_row(kh, table, bs, d, start, L, [&](int64_t t, const T* kr) {
+        for (int64_t g = 0; g < G; ++g) scores[g * span + t - start] = dot<D>(&qf[g * d], kr, d);
+      });
       std::vector<float> denom(G);
       for (int64_t g = 0; g < G; ++g) {
         float* s = &scores[g * span];
@@ -101,16 +111,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         denom[g] = sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = start; t < L;) {
-        const int64_t b = t / bs, stop = std::min(L, (b + 1) * bs);
-        const T* vb = vh + table[b] * bs * d;
-        const T* vn = stop < L ? vh + table[b + 1] * bs * d : nullptr;
-        for (; t < stop; ++t) {
-          const T* vr = vb + (t % bs) * d;
-          if (vn) prefetch_row(vn + (t % bs) * d, d);
-          for (int64_t g = 0; g < G; ++g) axpy<D>(scores[g * span + t - start], vr, &acc[g * d], d);
-        }
-      }
+      for_each_row(vh, table, bs, d, start, L, [&](int64_t t, const T* vr) {
+        for (int64_t g = 0; g < G; ++g) axpy<D>(scores[g * span + t - start], vr, &acc[g * d], d);
+      });
       for (int64_t g = 0; g < G; ++g) {
         const float inv = 1.f / denom[g];
         T* o = op + i * os0 + (h * G + g) * os1;
