@@ -11,7 +11,7 @@
   Larger inputs (prefill) keep the torch operators, so prompt logits stay those of transformers.
 
 It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
-else ``c++``), about 15 s, and cached under ``$TPSERVE_CACHE/native`` (default
+else ``c++``), about 20 s, and cached under ``$TPSERVE_CACHE/native`` (default
 ``~/.cache/tpserve/native``) keyed by the sources, the torch version and this CPU, so every process
 after the first just loads it. ``make`` builds it at install time (``python -m worker.native``).
 Builders racing each other are safe: each writes a private file and renames it into place.
@@ -73,7 +73,7 @@ def _compile_command(compiler: str, sources: list[Path], out: Path) -> list[str]
 
 
 def library_path() -> Path:
-    """Where this source, built against this torch for this CPU, is cached."""
+    """Where these sources, built against this torch for this CPU, are cached."""
     key = hashlib.sha256()
     for part in (*(s.read_bytes() for s in SOURCES), torch.__version__.encode(), _cpu_identity().encode(),
                  " ".join(_compile_command("c++", [Path("src")], Path("out"))).encode()):
@@ -82,7 +82,7 @@ def library_path() -> Path:
 
 
 def build(quiet: bool = False) -> Path:
-    """Compiles the kernel unless it is cached; returns the library's path. Raises RuntimeError."""
+    """Compiles the kernels unless they are cached; returns the library's path. Raises RuntimeError."""
     lib = library_path()
     if lib.is_file():
         return lib
@@ -91,7 +91,7 @@ def build(quiet: bool = False) -> Path:
         raise RuntimeError(f"no C++ compiler ({compiler!r} not found; set CXX or install g++)")
     lib.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        log.warning("tpserve: compiling the native kernels (once per machine, ~15 s)")
+        log.warning("tpserve: compiling the native kernels (once per machine, ~20 s)")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     try:
@@ -108,7 +108,7 @@ def build(quiet: bool = False) -> Path:
 
 
 def available() -> bool:
-    """True once the kernel is loaded into this process (building it if needed)."""
+    """True once the kernels are loaded into this process (building it if needed)."""
     if "loaded" not in _state:
         if os.environ.get("TPSERVE_NATIVE", "1") == "0":
             _state.update(loaded=False, error="switched off by TPSERVE_NATIVE=0")
@@ -163,7 +163,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> int:
-    """``python -m worker.native``: build (or find) the kernel and say where it is."""
+    """``python -m worker.native``: build (or find) the kernels and say where they are."""
     try:
         lib = build()
     except RuntimeError as e:
