@@ -9,6 +9,10 @@ Backends: NCCL for CUDA activations (CPU metadata still goes over gloo: the grou
 (`sharding.shm`) for CPU ranks that share a host, where gloo's per-call thread hand-off costs more
 than a whole decode step's compute. Every collective has a timeout.
 
+Gloo also serves CUDA ranks that cannot use NCCL (two ranks sharing one GPU, which NCCL refuses):
+their activations are copied to host memory around each collective, since gloo's own CUDA support
+does not cover every collective (gather among them).
+
 Rendezvous: rank 0 opens a `TCPStore` on port 0 (the OS picks a free port), the controller passes
 the address to the other ranks, and they connect to it.
 """
@@ -93,6 +97,11 @@ class TPGroup:
     def is_first(self) -> bool:
         return self.rank == 0
 
+    @property
+    def stages_through_host(self) -> bool:
+        """gloo carrying CUDA activations: each collective copies them to host memory and back."""
+        return self.backend == "gloo" and self.device.type != "cpu"
+
     def all_reduce(self, t: torch.Tensor) -> None:
         """In-place sum over the group's ranks."""
         if self.world_size == 1:
@@ -100,6 +109,10 @@ class TPGroup:
         t0 = time.perf_counter()
         if self._shm is not None:
             self._shm.all_reduce(t)
+        elif self.stages_through_host:
+            host = t.cpu()
+            dist.all_reduce(host, group=self._pg)
+            t.copy_(host)
         else:
             dist.all_reduce(t, group=self._pg)
         self.comm_seconds += time.perf_counter() - t0
@@ -111,6 +124,11 @@ class TPGroup:
         t0 = time.perf_counter()
         if self._shm is not None:
             out = self._shm.gather(t, dst=0)
+        elif self.stages_through_host:
+            host = t.cpu()
+            out = [torch.empty_like(host) for _ in range(self.world_size)] if self.rank == 0 else None
+            dist.gather(host, out, dst=0, group=self._pg)
+            out = None if out is None else [part.to(t.device) for part in out]
         else:
             out = [torch.empty_like(t) for _ in range(self.world_size)] if self.rank == 0 else None
             dist.gather(t, out, dst=0, group=self._pg)
