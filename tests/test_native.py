@@ -121,9 +121,9 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window):
     q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
     cache.write(step.slot_mapping, k, v)
     outs = []
-    for use_native in (False, True):
-        meta = AttentionMetadata.build(step, bs, {window}, hkv, num_blocks, CPU, use_native)
-        assert (meta.native_decodes is not None) == use_native
+    for kernel in (None, native.paged_decode_attention):
+        meta = AttentionMetadata.build(step, bs, {window}, hkv, num_blocks, CPU, kernel)
+        assert (meta.paged_decodes is not None) == (kernel is not None)
         outs.append(paged_attention(q, k, v, cache, meta, window, d ** -0.5))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
@@ -169,7 +169,7 @@ def test_add_rms_norm_matches_float64():
 
 
 def test_rope_in_place_on_a_strided_view_matches_the_torch_formula():
-    from worker.model import apply_rope
+    from worker.kernels import apply_rope
 
     g = torch.Generator().manual_seed(2)
     n, h, d = 3, 9, 64

@@ -18,18 +18,19 @@ layer costs more in page faults than the copy itself).
 
 Sliding windows (Mistral, some Qwen2 layers) add ``key > query - window`` to the masks.
 
-On CPU, when the native kernel is built (`worker.native`), decodes skip all of the above: it reads
-each sequence's blocks where they lie, through its block table, with no copy and no padding.
+Where a decode-attention kernel exists (`worker.native` on CPU, `worker.triton_attention` on CUDA;
+`worker.kernels` chooses), decodes skip all of the above: it reads each sequence's blocks where
+they lie, through its block table, with no copy and no padding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from worker import native
 from worker.kv_cache import LayerCache
 from worker.step import StepInput
 
@@ -62,11 +63,12 @@ class PrefillChunk:
 
 
 @dataclass
-class NativeDecodes:
-    """The decodes' block tables and context lengths, as the native kernel reads them."""
+class PagedDecodes:
+    """The decodes' block tables and context lengths, and the kernel that reads the cache through them."""
 
-    block_tables: torch.Tensor  # (decodes, max_blocks) int64
-    context_lens: torch.Tensor  # (decodes,) int64
+    block_tables: torch.Tensor  # (decodes, max_blocks) int64, on the cache's device
+    context_lens: torch.Tensor  # (decodes,) int64, on the cache's device
+    kernel: Callable  # (q, k_cache, v_cache, block_tables, context_lens, scale, window, out) -> None
 
 
 @dataclass
@@ -75,15 +77,16 @@ class AttentionMetadata:
     num_decodes: int
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
-    native_decodes: NativeDecodes | None = None
+    paged_decodes: PagedDecodes | None = None
 
     @classmethod
     def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, num_blocks: int,
-              device: torch.device, use_native: bool = False) -> "AttentionMetadata":
+              device: torch.device, decode_kernel: Callable | None = None) -> "AttentionMetadata":
         nd = step.num_decodes
         prefills = _prefills(step, block_size, windows, kv_heads, num_blocks, device)
-        if use_native:
-            decodes = NativeDecodes(step.block_tables[:nd].contiguous(), step.context_lens[:nd].contiguous())
+        if decode_kernel is not None:
+            decodes = PagedDecodes(step.block_tables[:nd].contiguous().to(device),
+                                   step.context_lens[:nd].contiguous().to(device), decode_kernel)
             return cls(step.slot_mapping.to(device), nd, [], prefills, decodes)
         clens = step.context_lens.tolist()
         groups = []
@@ -153,11 +156,10 @@ def paged_attention(
     n, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
-    nat = meta.native_decodes
-    if nat is not None and meta.num_decodes:
+    paged = meta.paged_decodes
+    if paged is not None and meta.num_decodes:
         nd = meta.num_decodes
-        native.paged_decode_attention(q[:nd], cache.k, cache.v, nat.block_tables, nat.context_lens,
-                                      scale, window, out[:nd])
+        paged.kernel(q[:nd], cache.k, cache.v, paged.block_tables, paged.context_lens, scale, window, out[:nd])
     for g in meta.decode_groups:
         ks, vs = _gather(cache, g.kv)
         qd = q.index_select(0, g.tokens).view(g.kv.seqs, hkv, hq // hkv, d)  # a KV head's queries adjacent

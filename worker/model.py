@@ -24,8 +24,8 @@ from sharding.arch import ModelConfig, RopeConfig
 from sharding.group import TPGroup
 from sharding.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from sharding.plan import RankPlan
-from worker import native
 from worker.attention import AttentionMetadata, paged_attention
+from worker.kernels import Kernels, apply_rope  # noqa: F401  (apply_rope: part of this module's API)
 from worker.kv_cache import KVCache, LayerCache
 from worker.step import StepInput
 
@@ -62,12 +62,6 @@ class Rope:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # (tokens, 1, d/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the two halves of each head: x (tokens, heads, d) → [x₁cos − x₂sin, x₂cos + x₁sin]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 @dataclass
 class Batch:
     """A step's inputs on this rank's device, with what every layer shares."""
@@ -77,7 +71,7 @@ class Batch:
     logits_indices: torch.Tensor
     attn: AttentionMetadata
     rope: tuple[torch.Tensor, torch.Tensor] | None
-    small: bool = False  # decode-sized float32 step on CPU: the fused native operations apply
+    ops: object  # this step's set of fused operations (`worker.kernels`)
 
 
 class Norm:
@@ -91,12 +85,12 @@ class Norm:
             return F.rms_norm(x, self.shape, self.weight, self.eps)
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 
-    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, small: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, norm(x + delta)); no delta: (x, norm(x)). One native pass on small steps."""
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)); no delta: (x, norm(x)). RMS norms fuse the add."""
         if delta is None:
             return x, self(x)
-        if small and self.rms:
-            return native.add_rms_norm(x, delta, self.weight, self.eps)
+        if self.rms:
+            return ops.add_rms_norm(x, delta, self.weight, self.eps)
         x = x + delta
         return x, self(x)
 
@@ -117,13 +111,7 @@ class Attention:
         q = q.reshape(n, self.hq, self.d)
         k = k.reshape(n, self.hkv, self.d)
         v = v.reshape(n, self.hkv, self.d)
-        if batch.rope is not None:
-            if batch.small:  # in place, on this step's fresh projection
-                native.rope_(q, *batch.rope)
-                native.rope_(k, *batch.rope)
-            else:
-                q, k = apply_rope(q, *batch.rope), apply_rope(k, *batch.rope)
-        cache.write(batch.attn.slot_mapping, k, v)
+        q, k = batch.ops.rope_and_cache(q, k, v, batch.rope, batch.attn.slot_mapping, cache)
         o = paged_attention(q, k, v, cache, batch.attn, self.window, self.scale)  # (n, hq * d)
         return self.wo(o)  # all-reduce inside: the heads' partial outputs summed over ranks
 
@@ -136,13 +124,10 @@ class MLP:
         self.w_out = RowParallelLinear(w[f"{p}.w_out.weight"], w.get(f"{p}.w_out.bias"), group)
         self.gelu = "tanh" if cfg.act == "gelu_tanh" else "none"
 
-    def __call__(self, x: torch.Tensor, small: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
         h = self.w_in(x)
-        if self.gated and small:
-            h = native.silu_mul(h)
-        elif self.gated:
-            gate, up = h.chunk(2, dim=-1)  # this rank's [gate; up] rows
-            h = F.silu(gate) * up
+        if self.gated:
+            h = ops.silu_mul(h)  # silu(gate) · up over this rank's [gate; up] rows
         else:
             h = F.gelu(h, approximate=self.gelu)
         return self.w_out(h)  # all-reduce inside
@@ -160,14 +145,14 @@ class Block:
                  cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream comes in and goes out as x + delta (no delta before the first block),
         so that every residual add is done together with the norm that follows it."""
-        x, h = self.attn_norm.add_norm(x, delta, batch.small)
-        x, h = self.mlp_norm.add_norm(x, self.attn(h, batch, cache), batch.small)
-        return x, self.mlp(h, batch.small)
+        x, h = self.attn_norm.add_norm(x, delta, batch.ops)
+        x, h = self.mlp_norm.add_norm(x, self.attn(h, batch, cache), batch.ops)
+        return x, self.mlp(h, batch.ops)
 
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, plan: RankPlan, weights: dict, group: TPGroup,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, kernels: str = "auto"):
         self.cfg, self.plan, self.group = cfg, plan, group
         w = weights
         self.device = w["embed.weight"].device
@@ -183,10 +168,7 @@ class Transformer:
         if cfg.rope is not None:
             self.rope = Rope(cfg.rope, cfg.head_dim, self.max_positions, self.dtype, self.device)
         self.windows = set(cfg.sliding_windows)
-        # Decode attention straight from the paged cache, on CPU where the kernels build; and
-        # fused float32 operations for decode-sized steps.
-        self.native_attention = self.device.type == "cpu" and native.available()
-        self.native_small = self.native_attention and self.dtype == torch.float32
+        self.kernels = Kernels.select(self.device, self.dtype, kernels)
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.cfg.num_layers, self.plan.num_kv_heads, self.cfg.head_dim,
@@ -199,9 +181,9 @@ class Transformer:
             positions=positions,
             logits_indices=step.logits_indices.to(self.device),
             attn=AttentionMetadata.build(step, cache.block_size, self.windows, self.plan.num_kv_heads,
-                                         cache.num_blocks, self.device, self.native_attention),
+                                         cache.num_blocks, self.device, self.kernels.decode_attention),
             rope=self.rope.tables(positions) if self.rope is not None else None,
-            small=self.native_small and positions.shape[0] <= native.DECODE_MAX_ROWS,
+            ops=self.kernels.ops(positions.shape[0]),
         )
 
     @torch.inference_mode()
@@ -214,5 +196,5 @@ class Transformer:
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, delta = layer(x, delta, batch, layer_cache)
         idx = batch.logits_indices
-        _, x = self.norm.add_norm(x[idx], delta[idx], batch.small)  # per token: only the wanted ones
+        _, x = self.norm.add_norm(x[idx], delta[idx], batch.ops)  # per token: only the wanted ones
         return self.lm_head(x)  # gathered on rank 0

@@ -1,0 +1,137 @@
+"""Which kernels a rank's forward runs, decided in one place: once per model by its device and
+dtype, and per step by the step's size.
+
+A transformer block has three pieces of element-wise work that fused kernels do in one pass
+(residual add + RMS norm; rotary embedding + the KV-cache write; silu·up), and one operation,
+decode attention, that a kernel can do straight from the paged cache. Three sets of operations:
+
+* `TorchOps`: plain aten operators, any device, dtype and size. The reference formulation, and
+  what prefill steps run on CPU (so their logits stay bit for bit those of transformers).
+* `NativeOps`: `worker.native`'s C++ kernels, for float32 steps of at most `DECODE_MAX_ROWS`
+  tokens on CPU.
+* `TritonOps`: `worker.triton_ops`, for CUDA, every step, any dtype.
+
+`Kernels.select` makes the per-model choice; `Kernels.ops(tokens)` gives a step its set, which
+the step's `Batch` carries to every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from worker import native
+
+CHOICES = ("auto", "torch", "native", "triton")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the two halves of each head: x (tokens, heads, d) → [x₁cos − x₂sin, x₂cos + x₁sin]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def add_rms_norm(x, delta, weight, eps):
+        """(x + delta, rms_norm(x + delta) · weight)."""
+        x = x + delta
+        return x, F.rms_norm(x, tuple(weight.shape), weight, eps)
+
+    @staticmethod
+    def rope_and_cache(q, k, v, rope, slots, cache):
+        """q, k rotated (when the model has rope), then k and v stored at cache slots `slots`."""
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cache.write(slots, k, v)
+        return q, k
+
+    @staticmethod
+    def silu_mul(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)  # this rank's [gate; up] rows
+        return F.silu(gate) * up
+
+
+class NativeOps:
+    name = "native"
+
+    @staticmethod
+    def add_rms_norm(x, delta, weight, eps):
+        return native.add_rms_norm(x, delta, weight, eps)
+
+    @staticmethod
+    def rope_and_cache(q, k, v, rope, slots, cache):
+        if rope is not None:  # in place, on this step's fresh projection
+            native.rope_(q, *rope)
+            native.rope_(k, *rope)
+        cache.write(slots, k, v)
+        return q, k
+
+    @staticmethod
+    def silu_mul(gate_up):
+        return native.silu_mul(gate_up)
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self):
+        from worker import triton_ops  # imports triton: only where these kernels are chosen
+
+        self._k = triton_ops
+
+    def add_rms_norm(self, x, delta, weight, eps):
+        return self._k.add_rms_norm(x, delta, weight, eps)
+
+    def rope_and_cache(self, q, k, v, rope, slots, cache):
+        cos, sin = rope if rope is not None else (None, None)
+        self._k.rope_and_cache_(q, k, v, cos, sin, slots, cache.k, cache.v)
+        return q, k
+
+    def silu_mul(self, gate_up):
+        return self._k.silu_mul(gate_up)
+
+
+TORCH_OPS = TorchOps()
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str  # "torch" | "native" | "triton"
+    fused: object  # the op set of steps it applies to
+    fused_max_tokens: int | None  # steps above this many tokens use TORCH_OPS; None: no limit
+    # decode attention read through the block tables:
+    # (q, k_cache, v_cache, block_tables, context_lens, scale, window, out) -> None
+    decode_attention: Callable | None
+
+    def ops(self, num_tokens: int):
+        """The op set of a step of `num_tokens` tokens."""
+        if self.fused_max_tokens is None or num_tokens <= self.fused_max_tokens:
+            return self.fused
+        return TORCH_OPS
+
+    @classmethod
+    def select(cls, device: torch.device, dtype: torch.dtype, choice: str = "auto") -> "Kernels":
+        """auto: Triton on CUDA, the native kernels on CPU where they build, else plain torch.
+        "triton" also runs on CPU tensors under the Triton interpreter (tests)."""
+        if choice not in CHOICES:
+            raise ValueError(f"kernels must be one of {CHOICES}, got {choice!r}")
+        if choice == "auto":
+            choice = "triton" if device.type == "cuda" else "native" if native.available() else "torch"
+        if choice == "triton":
+            from worker.triton_attention import paged_decode_attention
+
+            return cls("triton", TritonOps(), None, paged_decode_attention)
+        if choice == "native":
+            if device.type != "cpu" or not native.available():
+                raise ValueError(f"the native kernels run on CPU only and must build here "
+                                 f"({native.unavailable_reason() or device})")
+            small = dtype == torch.float32  # the element-wise kernels are float32 only
+            return cls("native", NativeOps() if small else TORCH_OPS, native.DECODE_MAX_ROWS,
+                       native.paged_decode_attention)
+        return cls("torch", TORCH_OPS, None, None)
