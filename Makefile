@@ -2,11 +2,14 @@
 #   make serve   set up .venv if needed, then serve the default model (embedded Ray, 2 ranks, CPU)
 #   make test    set up .venv with the test extras, then run the test suite
 # Without a GPU, torch is pinned to the CPU build (installed from a local file on our
-# machines); with one, the project's own torch range pulls the CUDA build.
+# machines), and Triton, whose kernels the tests run under its CPU interpreter, to the version
+# our GPU machines have; with a GPU, the project's own torch range pulls the CUDA build, and
+# that build brings its own Triton.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
+TRITON_CPU := triton==3.6.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: serve test install install-test
@@ -33,5 +36,6 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install $(TRITON_CPU); fi
 	$(PIP) install -e '.[test]'
 	touch $@

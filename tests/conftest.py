@@ -1,8 +1,17 @@
-"""Shared fixtures: the default model's converted checkpoint (converted once per machine)."""
+"""Shared fixtures: the default model's converted checkpoint (converted once per machine).
+
+Without a GPU, Triton kernels run on CPU tensors under Triton's interpreter; it is chosen when a
+kernel is defined, so the variable is set before any test module imports one."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cluster.model_store import DEFAULT_MODEL, resolve_model
 
