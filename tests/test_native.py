@@ -102,7 +102,8 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window):
     `paged_attention`, with and without the kernel: the outputs agree."""
     bs, num_blocks, d = 16, 96, 64
     torch.manual_seed(7)
-    cache = KVCache(1, hkv, d, num_blocks, bs, torch.float32, CPU).layers[0]
+    kv = KVCache(1, hkv, d, num_blocks, bs, torch.float32, CPU)
+    cache = kv.layers[0]
     cache.k.normal_()
     cache.v.normal_()
     free = list(range(num_blocks))
@@ -122,7 +123,7 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window):
     cache.write(step.slot_mapping, k, v)
     outs = []
     for kernel in (None, native.paged_decode_attention):
-        meta = AttentionMetadata.build(step, bs, {window}, hkv, num_blocks, CPU, kernel)
+        meta = AttentionMetadata.build(step, bs, {window}, hkv, kv.blocks_per_head, CPU, kernel)
         assert (meta.paged_decodes is not None) == (kernel is not None)
         outs.append(paged_attention(q, k, v, cache, meta, window, d ** -0.5))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)

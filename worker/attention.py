@@ -41,7 +41,7 @@ DECODE_GROUP = 16  # decodes per attention call: bounds the padding to similar-l
 class Gathered:
     """One padded group of sequences: which cache rows to copy and which keys are real."""
 
-    rows: torch.Tensor  # (kv_heads * seqs * blocks,) rows of the (kv_heads * num_blocks, row) cache view
+    rows: torch.Tensor  # (kv_heads * seqs * blocks,) rows of the (kv_heads * blocks_per_head, row) cache view
     seqs: int
     length: int  # padded context length, blocks * block_size
     masks: dict = field(default_factory=dict)  # window -> bool mask broadcastable to the scores
@@ -80,10 +80,10 @@ class AttentionMetadata:
     paged_decodes: PagedDecodes | None = None
 
     @classmethod
-    def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, num_blocks: int,
+    def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, blocks_per_head: int,
               device: torch.device, decode_kernel: Callable | None = None) -> "AttentionMetadata":
         nd = step.num_decodes
-        prefills = _prefills(step, block_size, windows, kv_heads, num_blocks, device)
+        prefills = _prefills(step, block_size, windows, kv_heads, blocks_per_head, device)
         if decode_kernel is not None:
             decodes = PagedDecodes(step.block_tables[:nd].contiguous().to(device),
                                    step.context_lens[:nd].contiguous().to(device), decode_kernel)
@@ -95,7 +95,7 @@ class AttentionMetadata:
             idx = order[g:g + DECODE_GROUP]
             ctx = step.context_lens[idx]
             kv = _gathered(step.block_tables[idx], max(clens[i] for i in idx), block_size, kv_heads,
-                           num_blocks, device)
+                           blocks_per_head, device)
             keys = torch.arange(kv.length)
             for w in windows:
                 m = keys[None, :] < ctx[:, None]
@@ -106,22 +106,31 @@ class AttentionMetadata:
         return cls(step.slot_mapping.to(device), nd, groups, prefills)
 
 
-def _gathered(tables: torch.Tensor, longest: int, block_size: int, kv_heads: int, num_blocks: int,
+    @classmethod
+    def for_decodes(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    decode_kernel: Callable) -> "AttentionMetadata":
+        """A decode-only step whose tensors already sit on the device: nothing is read back to the
+        host, so a CUDA graph can capture the step."""
+        n = slot_mapping.shape[0]
+        return cls(slot_mapping, n, [], [], PagedDecodes(block_tables, context_lens, decode_kernel))
+
+
+def _gathered(tables: torch.Tensor, longest: int, block_size: int, kv_heads: int, blocks_per_head: int,
               device) -> Gathered:
-    """tables (seqs, *) block ids → rows of the flat (kv_heads * num_blocks, row) cache view."""
+    """tables (seqs, *) block ids → rows of the flat (kv_heads * blocks_per_head, row) cache view."""
     nb = -(-longest // block_size)
     blocks = tables[:, :nb].reshape(-1)
-    rows = (torch.arange(kv_heads)[:, None] * num_blocks + blocks[None, :]).reshape(-1)
+    rows = (torch.arange(kv_heads)[:, None] * blocks_per_head + blocks[None, :]).reshape(-1)
     return Gathered(rows.to(device), tables.shape[0], nb * block_size)
 
 
-def _prefills(step, block_size, windows, kv_heads, num_blocks, device) -> list[PrefillChunk]:
+def _prefills(step, block_size, windows, kv_heads, blocks_per_head, device) -> list[PrefillChunk]:
     qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
     chunks, start = [], step.num_decodes
     for s in range(step.num_decodes, step.num_seqs):
         T, L = qlens[s], clens[s]
         cached = L - T
-        kv = (_gathered(step.block_tables[s:s + 1], L, block_size, kv_heads, num_blocks, device)
+        kv = (_gathered(step.block_tables[s:s + 1], L, block_size, kv_heads, blocks_per_head, device)
               if cached else None)
         chunk = PrefillChunk(start, start + T, cached, kv)
         for w in windows:

@@ -5,6 +5,10 @@ Every rank holds, for each layer, K and V for *its own* KV heads only, laid out
 so gathering a sequence's blocks is a row copy, and the gathered ``(heads, seqs, len, head_dim)``
 view needs no further copy. Slot s is token ``s % block_size`` of block ``s // block_size``.
 
+One block more than asked for is allocated: the *pad block* (id ``num_blocks``), which the block
+manager never hands out. Padded rows of a step (`worker.cuda_graphs` pads decode batches to fixed
+sizes) write their K/V there and attend over it, so they can never touch a sequence's blocks.
+
 The block manager runs on rank 0 only (the scheduler's side); the other ranks just obey the slot
 numbers in each step's plan.
 """
@@ -50,10 +54,12 @@ class LayerCache:
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int, dtype: torch.dtype, device: torch.device):
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size = num_blocks, block_size  # blocks for sequences
+        self.pad_block = num_blocks
+        self.blocks_per_head = num_blocks + 1  # the cache's second dimension: the pad block included
         scratch = Scratch(block_size * head_dim, dtype, device)
         self.layers = [
-            LayerCache(num_kv_heads, num_blocks, block_size, head_dim, dtype, device, scratch)
+            LayerCache(num_kv_heads, self.blocks_per_head, block_size, head_dim, dtype, device, scratch)
             for _ in range(num_layers)
         ]
 

@@ -181,9 +181,25 @@ class Transformer:
             positions=positions,
             logits_indices=step.logits_indices.to(self.device),
             attn=AttentionMetadata.build(step, cache.block_size, self.windows, self.plan.num_kv_heads,
-                                         cache.num_blocks, self.device, self.kernels.decode_attention),
+                                         cache.blocks_per_head, self.device, self.kernels.decode_attention),
             rope=self.rope.tables(positions) if self.rope is not None else None,
             ops=self.kernels.ops(positions.shape[0]),
+        )
+
+    def decode_batch(self, step: StepInput) -> Batch:
+        """A decode-only step whose tensors are already on this rank's device, built without reading
+        anything back to the host (`worker.cuda_graphs` captures it). Needs a decode kernel."""
+        if self.kernels.decode_attention is None:
+            raise ValueError(f"decode steps without host reads need a paged decode kernel "
+                             f"(kernels '{self.kernels.name}' have none)")
+        return Batch(
+            input_ids=step.input_ids,
+            positions=step.positions,
+            logits_indices=step.logits_indices,
+            attn=AttentionMetadata.for_decodes(step.slot_mapping, step.block_tables, step.context_lens,
+                                               self.kernels.decode_attention),
+            rope=self.rope.tables(step.positions) if self.rope is not None else None,
+            ops=self.kernels.ops(step.num_tokens),
         )
 
     @torch.inference_mode()

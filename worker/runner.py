@@ -4,6 +4,10 @@ Rank 0 calls `run(step)`: it broadcasts the step plan, then runs its share of th
 the logits. Every other rank sits in `follow()`: receive a plan, run the same forward over its own
 weight slices, repeat, until rank 0 sends STOP. The broadcast goes through the replica's process
 group, so no Ray call happens per step.
+
+On CUDA, decode-only steps replay CUDA graphs (`worker.cuda_graphs`) when the runner is loaded with
+``cuda_graphs``; every other step runs the model eagerly. Every rank makes the same choice, since
+it depends on the step alone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sharding.arch import ModelConfig
 from sharding.group import TPGroup
 from sharding.loader import DTYPES, load_rank_weights
 from sharding.plan import RankPlan
+from worker.cuda_graphs import DecodeGraphs
 from worker.kv_cache import KVCache
 from worker.model import Transformer
 from worker.step import HEADER_LEN, Kind, StepInput
@@ -30,21 +35,25 @@ class LoadReport:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, group: TPGroup):
-        self.model, self.cache, self.group = model, cache, group
+    def __init__(self, model: Transformer, cache: KVCache, group: TPGroup, graphs: DecodeGraphs | None = None):
+        self.model, self.cache, self.group, self.graphs = model, cache, group, graphs
         self.block_size = cache.block_size
         self.last_broadcast_s = 0.0  # time the last `run` spent sending the plan
 
     @classmethod
     def load(cls, path: str | Path, cfg: ModelConfig, plan: RankPlan, group: TPGroup, *,
              dtype: str, num_blocks: int, block_size: int, max_positions: int | None = None,
+             kernels: str = "auto", cuda_graphs_up_to: int = 0,
              progress=None) -> tuple["ModelRunner", LoadReport]:
+        """`cuda_graphs_up_to`: replay decode steps of up to this many sequences from CUDA graphs
+        (0: never)."""
         t0 = time.perf_counter()
         weights = load_rank_weights(path, plan, DTYPES[dtype], group.device, progress)
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        model = Transformer(cfg, plan, weights, group, max_positions)
+        model = Transformer(cfg, plan, weights, group, max_positions, kernels)
         cache = model.new_cache(num_blocks, block_size)
-        return cls(model, cache, group), LoadReport(nbytes, time.perf_counter() - t0)
+        graphs = DecodeGraphs(model, cache, cuda_graphs_up_to) if cuda_graphs_up_to else None
+        return cls(model, cache, group, graphs), LoadReport(nbytes, time.perf_counter() - t0)
 
     # -- rank 0 ---------------------------------------------------------------------------------
     def run(self, step: StepInput) -> torch.Tensor | None:
@@ -86,4 +95,6 @@ class ModelRunner:
             self._forward(StepInput.from_wire(header, payload))
 
     def _forward(self, step: StepInput) -> torch.Tensor | None:
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.run(step)
         return self.model(self.model.batch(step, self.cache), self.cache)
