@@ -23,6 +23,8 @@ Rules that involve more than one field (documented here, enforced in `_check_cro
 * ``engine.max_tokens_per_request <= engine.max_model_len`` and
   ``engine.kv_cache_tokens >= engine.max_model_len``: one full-length sequence must fit.
 * ``device.backend``: nccl needs ``device.type: cuda``; shm is for CPU ranks only.
+* ``engine.cuda_graphs: on`` needs ``device.type: cuda``, and NCCL when a replica has several
+  ranks (gloo collectives cannot be captured in a graph).
 * ``ray.num_cpus`` only applies to an embedded Ray (``ray.address: null``), and must cover
   replicas × tensor_parallel_size × cpus_per_rank, since an embedded Ray is one node.
 * ``parallel.placement: strict_spread`` with more than one rank needs a multi-node cluster,
@@ -221,6 +223,10 @@ class EngineSettings:
     kv_cache_memory: int | None = _field(_optional(_memory_size), None)  # bytes per rank
     max_tokens_per_request: int | None = _field(_optional(_positive_int), None)  # None = max_model_len
     collective_timeout_s: float = _field(_positive_number, 30.0)
+    # Decode steps replayed from CUDA graphs (worker/cuda_graphs.py). auto: on for CUDA replicas
+    # of one rank; at TP > 1 with NCCL, "on" captures the collectives too (not yet verified on
+    # a machine with several GPUs). Resolved to "on" or "off".
+    cuda_graphs: str = _field(_one_of("auto", "on", "off"), "auto")
 
     @property
     def kv_cache_blocks(self) -> int | None:
@@ -492,10 +498,12 @@ def resolve(cfg: DeploymentConfig, model: ModelConfig, *, cuda_available: bool) 
     device = _resolve_backend(cfg.device, device_type)
     try:
         _check_device(device)  # an explicit backend may not suit the type "auto" became
+        engine = _resolve_graphs(_resolve_lengths(cfg.engine, model.max_positions), device,
+                                 cfg.parallel.tensor_parallel_size)
     except ConfigError as err:
         raise err.in_file(cfg.source) from None
     return dataclasses.replace(cfg, model=_resolve_dtype(cfg.model, device_type), device=device,
-                               engine=_resolve_lengths(cfg.engine, model.max_positions))
+                               engine=engine)
 
 
 def _resolve_dtype(m: ModelSettings, device_type: str) -> ModelSettings:
@@ -511,6 +519,17 @@ def _resolve_backend(d: DeviceSettings, device_type: str) -> DeviceSettings:
     # On CPU "auto" stays: the controller picks shm or gloo per replica once it knows whether
     # the replica's ranks landed on one host (a "spread" placement may still pack them).
     return dataclasses.replace(d, type=device_type, backend=backend)
+
+
+def _resolve_graphs(e: EngineSettings, d: DeviceSettings, tp: int) -> EngineSettings:
+    if e.cuda_graphs == "auto":
+        return dataclasses.replace(e, cuda_graphs="on" if d.type == "cuda" and tp == 1 else "off")
+    if e.cuda_graphs == "on" and d.type != "cuda":
+        raise ConfigError("engine.cuda_graphs", f"needs device.type cuda (it is {d.type})", e.cuda_graphs)
+    if e.cuda_graphs == "on" and tp > 1 and d.backend != "nccl":
+        raise ConfigError("engine.cuda_graphs", f"at tensor_parallel_size {tp} needs device.backend "
+                          f"nccl ({d.backend} collectives cannot be captured)", e.cuda_graphs)
+    return e
 
 
 def _resolve_lengths(e: EngineSettings, max_positions: int) -> EngineSettings:

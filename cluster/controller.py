@@ -210,6 +210,7 @@ class Controller:
             num_blocks=self.num_blocks, max_batch_size=e.max_batch_size,
             max_tokens_per_step=e.max_tokens_per_step, max_model_len=e.max_model_len,
             collective_timeout_s=e.collective_timeout_s,
+            cuda_graphs_up_to=e.max_batch_size if e.cuda_graphs == "on" else 0,
         )
         options = dict(
             num_cpus=d.cpus_per_rank,

@@ -126,6 +126,26 @@ def test_resolve_fills_every_auto():
     assert (gpu.device.type, gpu.model.dtype, gpu.device.backend) == ("cuda", "bfloat16", "nccl")
     gloo = dataclasses.replace(cfg, device=dataclasses.replace(cfg.device, backend="gloo"))
     assert resolve(gloo, tiny_model(), cuda_available=False).device.backend == "gloo"
+    # CUDA graphs: on for one-rank CUDA replicas, off elsewhere unless asked for
+    assert (cpu.engine.cuda_graphs, gpu.engine.cuda_graphs) == ("off", "off")
+    one = parse_config({"model": {"path": "m"}})
+    assert resolve(one, tiny_model(), cuda_available=True).engine.cuda_graphs == "on"
+    assert resolve(one, tiny_model(), cuda_available=False).engine.cuda_graphs == "off"
+    on = parse_config({"model": {"path": "m"}, "parallel": {"tensor_parallel_size": 2},
+                       "engine": {"cuda_graphs": "on"}})
+    assert resolve(on, tiny_model(), cuda_available=True).engine.cuda_graphs == "on"  # with nccl
+
+
+@pytest.mark.parametrize("fields,cuda,message", [
+    ({"engine": {"cuda_graphs": "on"}}, False, "engine.cuda_graphs: needs device.type cuda (it is cpu), got 'on'"),
+    ({"engine": {"cuda_graphs": "on"}, "parallel": {"tensor_parallel_size": 2}, "device": {"backend": "gloo"}},
+     True, "engine.cuda_graphs: at tensor_parallel_size 2 needs device.backend nccl"),
+    ({"engine": {"cuda_graphs": "sometimes"}}, True, "engine.cuda_graphs: must be one of"),
+])
+def test_cuda_graphs_errors_name_the_field(fields, cuda, message):
+    with pytest.raises(ConfigError) as info:
+        resolve(parse_config({"model": {"path": "m"}, **fields}), tiny_model(), cuda_available=cuda)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_check_against_model_accepts_uneven_tp():

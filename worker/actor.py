@@ -54,6 +54,7 @@ class WorkerSpec:
     max_tokens_per_step: int
     max_model_len: int
     collective_timeout_s: float
+    cuda_graphs_up_to: int = 0  # decode steps of up to this many sequences replay CUDA graphs
 
 
 @dataclass
@@ -123,7 +124,7 @@ class RankWorker:
         cfg = ModelConfig.from_dir(path)
         self.runner, report = ModelRunner.load(
             path, cfg, s.plan, self.group, dtype=s.dtype, num_blocks=s.num_blocks,
-            block_size=s.block_size, max_positions=s.max_model_len,
+            block_size=s.block_size, max_positions=s.max_model_len, cuda_graphs_up_to=s.cuda_graphs_up_to,
             progress=lambda done, total: setattr(self, "_progress", (done, total)),
         )
         if s.rank == 0:

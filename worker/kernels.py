@@ -17,6 +17,8 @@ the step's `Batch` carries to every layer.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +27,16 @@ import torch.nn.functional as F
 
 from worker import native
 
+log = logging.getLogger(__name__)
+
 CHOICES = ("auto", "torch", "native", "triton")
+
+
+def _triton_importable() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        log.warning("tpserve: triton is not installed; CUDA steps use the plain torch path")
+        return False
+    return True
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,8 @@ class Kernels:
         if choice not in CHOICES:
             raise ValueError(f"kernels must be one of {CHOICES}, got {choice!r}")
         if choice == "auto":
-            choice = "triton" if device.type == "cuda" else "native" if native.available() else "torch"
+            choice = ("triton" if device.type == "cuda" and _triton_importable()
+                      else "native" if device.type == "cpu" and native.available() else "torch")
         if choice == "triton":
             from worker.triton_attention import paged_decode_attention
 
