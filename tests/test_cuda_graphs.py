@@ -4,7 +4,7 @@ buffers a graph replays from, and the runner's choice of graph or eager step.
 On CPU, `DecodeGraphs(capture=False)` runs each "replay" eagerly on the static buffers, so what is
 tested here is everything but the capture itself: a padded step's logits, cut back to its real
 rows, equal the unpadded step's, and padded rows write nothing but the cache's pad block.
-(The capture runs in `make gpu-check`.)"""
+(The capture itself runs in `make gpu-check`.)"""
 
 from __future__ import annotations
 
@@ -101,9 +101,11 @@ def _cache_state(runner):
     return [(layer.k.clone(), layer.v.clone()) for layer in runner.cache.layers]
 
 
-@pytest.mark.parametrize("n", [1, 3, 5, 8, 13, 17])
-def test_padded_step_equals_unpadded(llama_dir, n):
-    eager, graphed = _runner(llama_dir), _runner(llama_dir)
+@pytest.mark.parametrize("kernels,n", [("auto", 1), ("auto", 3), ("auto", 5), ("auto", 8), ("auto", 13),
+                                       ("auto", 17), ("triton", 3), ("triton", 9)])
+def test_padded_step_equals_unpadded(llama_dir, kernels, n):
+    """("triton": the CUDA kernels, under Triton's interpreter on CPU: what a graph captures.)"""
+    eager, graphed = _runner(llama_dir, kernels), _runner(llama_dir, kernels)
     graphs = DecodeGraphs(graphed.model, graphed.cache, 24, capture=False)
     step = _prefilled(eager, n, seed=n)
     assert torch.equal(_prefilled(graphed, n, seed=n).payload(), step.payload())
@@ -130,6 +132,22 @@ def test_buffers_are_reused_across_steps(llama_dir):
         buffer = graphs.buckets[4].buffer if 4 in graphs.buckets else None
         torch.testing.assert_close(graphs.run(step), eager.run(step), atol=2e-6, rtol=0)
         assert buffer is None or graphs.buckets[4].buffer is buffer
+
+
+def test_capture_graphs_brings_every_bucket_in_through_the_pad_block(llama_dir):
+    runner = _runner(llama_dir)
+    runner.graphs = DecodeGraphs(runner.model, runner.cache, 20, capture=False)
+    step = _prefilled(runner, 3, seed=4)
+    before = _cache_state(runner)
+    runner.capture_graphs()
+    assert sorted(runner.graphs.buckets) == [1, 2, 4, 8, 16, 20]
+    pad = runner.cache.pad_block
+    for (bk, bv), (ak, av) in zip(before, _cache_state(runner)):
+        assert torch.equal(bk[:, :pad], ak[:, :pad]) and torch.equal(bv[:, :pad], av[:, :pad])
+    assert not torch.equal(before[0][0][:, pad], runner.cache.layers[0].k[:, pad])  # it did run
+    eager = _runner(llama_dir)
+    assert torch.equal(_prefilled(eager, 3, seed=4).payload(), step.payload())
+    torch.testing.assert_close(runner.run(step), eager.run(step), atol=2e-6, rtol=0)
 
 
 def test_what_does_not_fit_runs_eagerly(llama_dir):

@@ -188,11 +188,13 @@ class RankWorker:
 
     # -- threads ------------------------------------------------------------------------------
     def _warm_up(self) -> None:
-        """One prefill and one decode, so the first real request does not pay kernel set-up."""
+        """One prefill and one decode, so the first real request does not pay kernel set-up, and
+        the CUDA graphs of every decode batch size, when they are on."""
         table = list(range(min(2, self.spec.num_blocks)))
         n = min(8, self.spec.block_size * len(table) - 1)
         self.runner.run(StepInput.build([(list(range(1, n + 1)), 0, table)], self.spec.block_size))
         self.runner.run(StepInput.build([([1], n, table)], self.spec.block_size))
+        self.runner.capture_graphs()
 
     def _engine_loop(self) -> None:
         last_sent = time.monotonic()

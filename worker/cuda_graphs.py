@@ -15,9 +15,11 @@ Only decode-only steps that fit the largest bucket qualify; prefills and anythin
 `pad_decodes` is also what the CPU tests check: a padded step's logits, cut back to the real rows,
 equal the unpadded step's.
 
-Graphs are captured lazily: the first step of each bucket runs once eagerly on the static buffers
-(compiling and warming up every kernel), is captured, then replayed. The ranks of a replica see the
-same steps, so they capture the same bucket at the same step, as collectives in a graph require.
+A bucket's graph is captured the first time a step of that size comes: the step runs once eagerly
+on the static buffers (compiling and warming up every kernel), is captured, then replayed. A
+serving rank 0 brings every bucket in at start-up (`ModelRunner.capture_graphs`) with `warm_up_step`s,
+decode steps of `size` rows that all sit in the pad block. The ranks of a replica see the same
+steps, so they capture the same bucket at the same step, as collectives in a graph require.
 Capturing needs collectives that CUDA graphs can record: none (one rank) or NCCL.
 """
 
@@ -100,6 +102,12 @@ class DecodeGraphs:
         self.width = -(-model.max_positions // cache.block_size)
         self.buckets: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def warm_up_step(self, size: int) -> StepInput:
+        """A decode step of `size` rows that read and write only the pad block: it brings the
+        bucket of that size in without touching any sequence."""
+        pad = self.cache.pad_block
+        return StepInput.build([([0], 0, [pad])] * size, self.cache.block_size)
 
     def fits(self, step: StepInput) -> bool:
         n = step.num_seqs

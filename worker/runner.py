@@ -66,6 +66,13 @@ class ModelRunner:
             self.last_broadcast_s = time.perf_counter() - t0
         return self._forward(step)
 
+    def capture_graphs(self) -> None:
+        """Rank 0, before serving: one warm-up step per graph bucket, so that no request waits
+        for a capture. The peers capture with it, following the same steps."""
+        if self.graphs is not None:
+            for size in self.graphs.sizes:
+                self.run(self.graphs.warm_up_step(size))
+
     def stop_peers(self) -> None:
         self._send_kind(Kind.STOP)
 
