@@ -1,6 +1,8 @@
 # The two entry points named in README.md:
-#   make serve   set up .venv if needed, then serve the default model (embedded Ray, 2 ranks, CPU)
-#   make test    set up .venv with the test extras, then run the test suite
+#   make serve      set up .venv if needed, then serve the default model (embedded Ray, 2 ranks, CPU)
+#   make test       set up .venv with the test extras, then run the test suite
+# and, on a machine with an NVIDIA GPU:
+#   make gpu-check  check and measure the CUDA path with the machine's own Python (bench/gpu_check.py)
 # Without a GPU, torch is pinned to the CPU build (installed from a local file on our
 # machines), and Triton, whose kernels the tests run under its CPU interpreter, to the version
 # our GPU machines have; with a GPU, the project's own torch range pulls the CUDA build, and
@@ -12,7 +14,7 @@ TORCH_CPU := torch==2.13.0
 TRITON_CPU := triton==3.6.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: serve test install install-test
+.PHONY: serve test install install-test gpu-check
 serve: install
 	$(BIN)/tpserve serve configs/default.yaml
 
@@ -39,3 +41,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install $(TRITON_CPU); fi
 	$(PIP) install -e '.[test]'
 	touch $@
+
+# Needs no venv, no Ray and no network: PyTorch (CUDA), Triton and transformers as installed.
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py

@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cluster.model_store import DEFAULT_MODEL, resolve_model  # noqa: E402
 from sharding.arch import ModelConfig  # noqa: E402
 from sharding.group import TPGroup  # noqa: E402
 from sharding.plan import ShardingPlan  # noqa: E402
@@ -65,14 +64,18 @@ def _timed(fn) -> float:
 
 
 # -- ours -------------------------------------------------------------------------------------
-def make_engine(path, args) -> Engine:
+def make_engine(path, *, kv_tokens: int = 65536, max_batch: int = 64, step_tokens: int = 512,
+                dtype: str = "float32", device: str = "cpu", cuda_graphs: bool = False) -> Engine:
+    """One rank's engine over the checkpoint at `path`, with no tokenizer (token ids in and out).
+    `cuda_graphs`: decode steps of up to `max_batch` sequences replay CUDA graphs."""
     cfg = ModelConfig.from_dir(path)
     plan = ShardingPlan.build(cfg, 1)
-    blocks = -(-args.kv_tokens // 16)
-    runner, _ = ModelRunner.load(path, cfg, plan.ranks[0], TPGroup.single(), dtype="float32",
-                                 num_blocks=blocks, block_size=16, max_positions=2048)
+    blocks = -(-kv_tokens // 16)
+    runner, _ = ModelRunner.load(path, cfg, plan.ranks[0], TPGroup.single(device), dtype=dtype,
+                                 num_blocks=blocks, block_size=16, max_positions=2048,
+                                 cuda_graphs_up_to=max_batch if cuda_graphs else 0)
     return Engine(runner, tokenizer=None, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size,
-                  max_batch_size=args.max_batch, max_tokens_per_step=args.step_tokens,
+                  max_batch_size=max_batch, max_tokens_per_step=step_tokens,
                   max_model_len=2048, num_blocks=blocks)
 
 
@@ -121,18 +124,18 @@ class _StepClock:
         pass
 
 
-def run_transformers(path, reqs):
+def run_transformers(path, reqs, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     pad = 0
     first, last, count = {}, {}, {}
     t0 = time.perf_counter()
     for b in range(0, len(reqs), HF_BATCH):
         batch = reqs[b:b + HF_BATCH]
         width = max(len(p) for p, _ in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=device)
         steps = max(n for _, n in batch)
         clock = _StepClock(t0)
         with torch.no_grad():
@@ -159,6 +162,8 @@ def _summary(reqs, first, last, count, wall):
 
 
 def main():
+    from cluster.model_store import DEFAULT_MODEL, resolve_model  # the default model's GGUF reader
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--requests", type=int, default=64)
@@ -178,7 +183,7 @@ def main():
           f"{max(len(p) for p, _ in reqs)} tokens, outputs {min(n for _, n in reqs)}-"
           f"{max(n for _, n in reqs)} tokens ({sum(n for _, n in reqs)} in all), {args.threads} threads")
 
-    engine = make_engine(path, args)
+    engine = make_engine(path, kv_tokens=args.kv_tokens, max_batch=args.max_batch, step_tokens=args.step_tokens)
     decode_step_b1(engine, 4)  # warm-up
     ours = run_ours(engine, reqs)
     t = engine.timings.as_dict()
