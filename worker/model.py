@@ -25,7 +25,7 @@ from sharding.group import TPGroup
 from sharding.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from sharding.plan import RankPlan
 from worker.attention import AttentionMetadata, paged_attention
-from worker.kernels import Kernels, apply_rope  # noqa: F401  (apply_rope: part of this module's API)
+from worker.kernels import Kernels
 from worker.kv_cache import KVCache, LayerCache
 from worker.step import StepInput
 
