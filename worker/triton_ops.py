@@ -96,7 +96,9 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, 
         k = k_ptr + t * sk_t + j * sk_h
         v = v_ptr + t * sv_t + j * sv_h
         slot = tl.load(slot_ptr + t)
-        dst = j * cache_head + slot * D  # cache (kv_heads, blocks, block_size·d): slot s at s·d
+        # cache (kv_heads, blocks, block_size·d): slot s of head j at j·cache_head + s·d (int64:
+        # a large cache passes 2^31 elements)
+        dst = j.to(tl.int64) * cache_head + slot.to(tl.int64) * D
         if ROPE:
             y1, y2 = _rotate(k, cos, sin, half, mh, HALF)
             tl.store(k + half, y1, mask=mh)
