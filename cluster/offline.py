@@ -10,6 +10,10 @@
 
 `LLM(config)` takes a `DeploymentConfig` (e.g. from `load_config`), or a model alias/path plus
 overrides as `DeploymentConfig.for_model` accepts them.
+
+Like the gRPC front end, this is a boundary: `generate` checks every sampling parameter against
+its range (`SamplingParams.validate`) and raises ValueError before anything reaches an engine,
+which trusts what it gets.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ class LLM:
         """One completion per prompt, in order. Prompts are text or token ids."""
         params = params or SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        limit = self.controller.cfg.engine.max_tokens_per_request
+        for sp in set(per_prompt):
+            sp.validate(vocab_size=self.controller.model.vocab_size, max_tokens_limit=limit)
         requests = [Request(f"offline-{next(self._ids)}", self._encode(p), sp)
                     for p, sp in zip(prompts, per_prompt)]
         results = {r.request_id: Completion(r.request_id, r.prompt_token_ids) for r in requests}

@@ -150,3 +150,40 @@ def test_bad_requests_end_with_an_error_not_a_crash(engine, prompts):
     assert done["empty"].finish_reason is FinishReason.ERROR and "empty" in done["empty"].error
     assert done["vocab"].finish_reason is FinishReason.ERROR
     assert done["ok"].finish_reason is FinishReason.LENGTH
+
+
+def test_a_request_whose_numbers_cannot_be_sampled_fails_alone(engine, prompts, alone):
+    """The issue's reproducer, inside the engine (the front end now refuses it): temperature 1 with
+    repetition_penalty 1e-38 overflows its scores. That request ends with an error naming the
+    cause; its batch-mates finish with exactly their tokens; the engine keeps serving."""
+    bad = SamplingParams(max_tokens=8, temperature=1.0, repetition_penalty=1e-38)
+    done = run(engine, [Request("ok0", prompts[0], greedy(16, ignore_eos=True)),
+                        Request("bad", prompts[1], bad),
+                        Request("ok2", prompts[2], greedy(16, ignore_eos=True))])
+    assert done["bad"].finish_reason is FinishReason.ERROR
+    assert "request bad" in done["bad"].error and "not finite" in done["bad"].error
+    assert done["ok0"].token_ids == alone[0] and done["ok2"].token_ids == alone[2]
+    assert engine.blocks.num_used == 0
+    again = run(engine, [Request("after", prompts[3], greedy(16, ignore_eos=True))])
+    assert again["after"].token_ids == alone[3]
+
+
+def test_a_failing_detokenizer_or_broken_state_fails_only_its_request(engine, prompts, alone, monkeypatch):
+    from worker import detokenize
+
+    real_add = detokenize.IncrementalDetokenizer.add
+
+    def add(self, token_id):
+        if self._stops == ("planted",):  # the one request below that asks for this stop string
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted")
+        return real_add(self, token_id)
+
+    monkeypatch.setattr(detokenize.IncrementalDetokenizer, "add", add)
+    broken = SamplingParams(max_tokens=4, stop_token_ids=("not an id",))  # its state cannot be built
+    done = run(engine, [Request("ok", prompts[0], greedy(16, ignore_eos=True)),
+                        Request("detok", prompts[1], greedy(16, ignore_eos=True, stop=("planted",))),
+                        Request("state", prompts[2], broken)])
+    assert done["detok"].finish_reason is FinishReason.ERROR and "UnicodeDecodeError" in done["detok"].error
+    assert done["state"].finish_reason is FinishReason.ERROR and "could not start" in done["state"].error
+    assert done["ok"].token_ids == alone[0] and done["ok"].finish_reason is FinishReason.LENGTH
+    assert engine.blocks.num_used == 0

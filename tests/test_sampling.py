@@ -22,6 +22,8 @@ from transformers import (
 )
 
 from worker.sampling import (
+    NONFINITE,
+    NO_TOKEN,
     Sampler,
     SamplingParams,
     SamplingParamsError,
@@ -364,8 +366,9 @@ BAD = [
     (dict(top_k=2.5), "top_k", ">= 0"),
     (dict(min_p=-0.1), "min_p", "[0, 1]"),
     (dict(min_p=1.1), "min_p", "[0, 1]"),
-    (dict(repetition_penalty=0.0), "repetition_penalty", "(0, 2]"),
-    (dict(repetition_penalty=math.inf), "repetition_penalty", "(0, 2]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty", "[0.01, 2]"),
+    (dict(repetition_penalty=1e-38), "repetition_penalty", "[0.01, 2]"),  # would overflow float32
+    (dict(repetition_penalty=math.inf), "repetition_penalty", "[0.01, 2]"),
     (dict(presence_penalty=-math.inf), "presence_penalty", "[-2, 2]"),
     (dict(presence_penalty=2.1), "presence_penalty", "[-2, 2]"),
     (dict(frequency_penalty=math.nan), "frequency_penalty", "[-2, 2]"),
@@ -404,3 +407,49 @@ def test_validate_accepts_edges():
                    presence_penalty=-2.0, frequency_penalty=2.0, seed=2**64 - 1, logprobs=20,
                    max_tokens=4096, min_tokens=4096, stop=("\n",), stop_token_ids=(999,),
                    ).validate(vocab_size=1000, max_tokens_limit=4096)
+
+
+# -- failure isolation ------------------------------------------------------------------------------
+def test_rows_with_unusable_scores_fail_alone():
+    """NaN, +inf, or nothing finite left: that row gets NO_TOKEN and an error, never an index
+    out of range; the other rows are sampled exactly as without them."""
+    vocab = 600
+    logits = random_logits(5, vocab, seed=11)
+    logits[1, 5] = math.nan
+    logits[2, :] = -math.inf
+    logits[3, 7] = math.inf
+    states = [state(vocab, temperature=0.0), state(vocab, temperature=0.8, seed=1), state(vocab, temperature=0.0),
+              state(vocab, temperature=1.0, top_p=0.9), state(vocab, temperature=0.7, seed=2)]
+    got = Sampler(seed=0)(logits, states)
+    assert got.errors[0] is None and got.errors[4] is None
+    assert got.errors[1:4] == [NONFINITE] * 3
+    assert got.token_ids[1:4] == [NO_TOKEN] * 3
+    clean = Sampler(seed=0)(logits[[0, 4]], [state(vocab, temperature=0.0), state(vocab, temperature=0.7, seed=2)])
+    assert [got.token_ids[0], got.token_ids[4]] == clean.token_ids
+
+
+def test_overflowing_penalty_or_temperature_fails_only_its_request():
+    """What validation keeps out (repetition_penalty 1e-38, a temperature that overflows the
+    scores), should it get in by another way, ends that row and no other."""
+    vocab = 300
+    logits = random_logits(3, vocab, seed=3)
+    logits[2] *= 1e36  # scores / 1e-5 overflow float32
+    states = [state(vocab, temperature=1.0, repetition_penalty=1e-38), state(vocab, temperature=0.0),
+              state(vocab, temperature=1e-5 * 1.5)]
+    got = Sampler(seed=0)(logits, states)
+    assert got.errors == [NONFINITE, None, NONFINITE]
+    assert got.token_ids[1] == int(logits[1].argmax())
+
+
+def test_row_by_row_finds_the_row_that_raises():
+    vocab = 300
+    logits = random_logits(3, vocab, seed=4)
+    broken = state(vocab, temperature=0.0, min_tokens=2)
+    broken.min_tokens_blocked = torch.tensor([10**6])  # an index past the vocabulary
+    states = [state(vocab, temperature=0.0), broken, state(vocab, temperature=0.9, seed=5)]
+    with pytest.raises(IndexError):
+        Sampler(seed=0)(logits, states)
+    got = Sampler(seed=0).row_by_row(logits, states)
+    assert got.errors[0] is None and got.errors[2] is None
+    assert got.errors[1].startswith("sampling failed: IndexError")
+    assert got.token_ids[1] == NO_TOKEN and got.token_ids[0] == int(logits[0].argmax())

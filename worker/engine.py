@@ -8,6 +8,13 @@
 4. sample the next token of every sequence whose scheduled tokens reached its end;
 5. append, detokenize, check stop conditions, free finished sequences' blocks;
 6. return one `RequestOutput` delta per request that produced something.
+
+Failure isolation: whatever belongs to one request (taking it in, sampling its row, detokenizing
+or matching its stop strings) can only end that request, with FinishReason.ERROR and a message
+saying what failed; the batch goes on. Only a failing forward step, which all requests share,
+escapes `step()` (and fails the replica). Requests arrive checked by the front end (every field,
+every range: `cluster.validation`); the engine re-checks only what would break the batch rather
+than the request: an empty or too long prompt, token ids outside the vocabulary, a duplicate id.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import dataclass, field
 from worker.detokenize import IncrementalDetokenizer
 from worker.kv_cache import BlockManager
 from worker.runner import ModelRunner
-from worker.sampling import Sampler, SamplingParams, SamplingParamsError, SequenceSampling
+from worker.sampling import Sampler, SamplingParams, SequenceSampling
 from worker.scheduler import Scheduler, Sequence
 from worker.step import StepInput
 
@@ -143,11 +150,12 @@ class Engine:
             seq.num_computed += n
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
-        result = self.sampler(logits, [seq.state.sampling for seq in sampling]) if sampling else None
+        result = self._sample(logits, sampling) if sampling else None
         t3 = time.perf_counter()
         if result is not None:
-            for seq, token, lp in zip(sampling, result.token_ids, result.logprobs):
-                outputs.append(self._append(seq, token, lp))
+            for seq, token, lp, error in zip(sampling, result.token_ids, result.logprobs, result.errors):
+                outputs.append(self._finish(seq, FinishReason.ERROR, error=f"request {seq.request_id}: {error}")
+                               if error is not None else self._append_or_fail(seq, token, lp))
         self._record(t0, t1, t2, t3, time.perf_counter(), step.num_tokens)
         return outputs
 
@@ -184,10 +192,18 @@ class Engine:
         return outputs
 
     def _admit(self, req: Request) -> RequestOutput | None:
-        error = self._check(req)
-        if error is not None:
-            return RequestOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
-                                 num_prompt_tokens=len(req.prompt_token_ids), error=error)
+        error = self._unservable(req)
+        if error is None:
+            try:
+                self._add_sequence(req)
+            except Exception as exc:  # noqa: BLE001 - this request's own state failed to build
+                error = f"could not start the request: {type(exc).__name__}: {exc}"
+        if error is None:
+            return None
+        return RequestOutput(req.request_id, [], finish_reason=FinishReason.ERROR,
+                             num_prompt_tokens=len(req.prompt_token_ids), error=f"request {req.request_id}: {error}")
+
+    def _add_sequence(self, req: Request) -> None:
         prompt = list(req.prompt_token_ids)
         seq = Sequence(self._next_seq_id, req.request_id, prompt, len(prompt), req.arrival)
         self._next_seq_id += 1
@@ -198,25 +214,22 @@ class Engine:
         seq.state = _SeqState(req.params, sampling, detok, max_tokens)
         self._seqs[req.request_id] = seq
         self.scheduler.add(seq)
-        return None
 
-    def _check(self, req: Request) -> str | None:
-        """The engine's own guard; the front end validates every field before this."""
+    def _unservable(self, req: Request) -> str | None:
+        """What would break the batch rather than this request (the front end checked every
+        field and range; this guards the engine's own invariants). Sizes before per-id work."""
         if req.request_id in self._seqs:
             return f"duplicate request id {req.request_id!r}"
-        n = len(req.prompt_token_ids)
+        ids = req.prompt_token_ids
+        n = len(ids)
         if n == 0:
             return "prompt is empty"
         if n >= self.max_model_len:
             return f"prompt has {n} tokens; max_model_len is {self.max_model_len}"
-        if any(not 0 <= t < self.vocab_size for t in req.prompt_token_ids):
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
             return f"prompt token ids must be in [0, {self.vocab_size})"
         if -(-(n + 1) // self.blocks.block_size) > self.blocks.num_blocks:
             return f"prompt of {n} tokens does not fit in the KV cache"
-        try:
-            req.params.validate(vocab_size=self.vocab_size)
-        except SamplingParamsError as e:
-            return str(e)
         return None
 
     def _abort(self, request_id: str) -> RequestOutput | None:
@@ -241,6 +254,26 @@ class Engine:
             seqs.append((new, seq.num_computed, self.blocks.tables[seq.seq_id]))
             wants_logits.append(seq.num_computed + n == seq.num_tokens)
         return StepInput.build(seqs, self.blocks.block_size, logits=wants_logits)
+
+    def _sample(self, logits, seqs: list[Sequence]):
+        """One token per sequence; a row that cannot be sampled carries an error instead. When the
+        batch raises, each row is sampled alone, so only the row that raises fails."""
+        states = [seq.state.sampling for seq in seqs]
+        try:
+            return self.sampler(logits, states)
+        except Exception:  # noqa: BLE001 - found and reported per row below
+            return self.sampler.row_by_row(logits, states)
+
+    def _append_or_fail(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
+        try:
+            return self._append(seq, token, logprobs)
+        except Exception as exc:  # noqa: BLE001 - detokenizing or stop matching failed for this request
+            if seq.request_id not in self._seqs:  # it failed after its sequence was released
+                return RequestOutput(seq.request_id, [], finish_reason=FinishReason.ERROR,
+                                     error=f"request {seq.request_id}: {type(exc).__name__}: {exc}")
+            return self._finish(seq, FinishReason.ERROR,
+                                error=f"request {seq.request_id}: processing its output failed: "
+                                      f"{type(exc).__name__}: {exc}")
 
     def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
         st: _SeqState = seq.state

@@ -18,6 +18,11 @@ logits stay untouched. Sampled rows add a few O(V) passes each; top-k is a parti
 and top-p first looks at the 256 most likely tokens, widening only for rows whose nucleus is
 larger, so no full row is sorted unless a row's nucleus spans more than 16384 tokens.
 
+Failure isolation: a row whose scores are not usable (NaN, +inf, or nothing finite left after
+penalties and temperature) gets no token but an error naming it, and the other rows are sampled
+as usual; `Sampler.row_by_row` samples each row on its own, for the engine to find the one row a
+batch-wide exception came from. No request's numbers can fail its neighbours.
+
 Seeded determinism: the draw is an inverse-CDF lookup with one uniform number per sampled row.
 A seeded sequence takes that number from its own `torch.Generator` (one draw per step, whatever
 else is in the batch) and every other step is row-wise, so its tokens do not depend on the batch.
@@ -38,6 +43,8 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing by them woul
 SEED_MAX = 2**64 - 1  # torch.Generator seeds are uint64
 TOP_P_FIRST_K = 256  # candidates top-p looks at before widening (×8 per round, up to V)
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
+MIN_REPETITION_PENALTY = 0.01  # logits are divided by at most 1/0.01: no float32 overflow
+NO_TOKEN = -1  # the token of a row that failed (SampleResult.errors says why)
 
 
 class SamplingParamsError(ValueError):
@@ -95,9 +102,11 @@ class SamplingParams:
         """Raise `SamplingParamsError` naming the first field outside its documented range.
 
         Ranges: max_tokens [1, max_tokens_limit], min_tokens [0, max_tokens], temperature [0, 2],
-        top_k >= 0, top_p (0, 1], min_p [0, 1], repetition_penalty (0, 2], presence_penalty and
+        top_k >= 0, top_p (0, 1], min_p [0, 1], repetition_penalty [0.01, 2], presence_penalty and
         frequency_penalty [-2, 2], seed [0, 2^64 - 1], stop strings non-empty, stop_token_ids
-        [0, vocab_size), logprobs [0, max_logprobs]. Floats must also be finite.
+        [0, vocab_size), logprobs [0, max_logprobs]. Floats must also be finite. No value in these
+        ranges can overflow float32 scores: the repetition penalty scales a logit by at most 100,
+        the presence and frequency penalties shift it by at most 2 · (max_tokens + 1).
         """
         _check_int("max_tokens", self.max_tokens, 1, max_tokens_limit)
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens, note=" (at most max_tokens)")
@@ -105,7 +114,7 @@ class SamplingParams:
         _check_int("top_k", self.top_k, 0, note=" (0 disables it)")
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_float("min_p", self.min_p, 0.0, 1.0)
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, 2.0, lo_open=True)
+        _check_float("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, 2.0)
         _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
@@ -211,8 +220,13 @@ class TokenLogprobs:
 
 @dataclass
 class SampleResult:
-    token_ids: list[int]  # one per row
+    token_ids: list[int]  # one per row; NO_TOKEN where the row failed
     logprobs: list[TokenLogprobs | None]  # one per row; None where the row asked for none
+    errors: list[str | None]  # one per row: why the row got no token, or None
+
+
+NONFINITE = ("sampling stopped: the scores were not finite (NaN or infinity) after the logits, "
+             "penalties and temperature; this request's numbers cannot be sampled")
 
 
 class Sampler:
@@ -231,16 +245,39 @@ class Sampler:
         _check_batch(logits, states)
         logits = logits.cpu()  # sampling runs on CPU, where the per-sequence generators live
         scores = apply_penalties(logits, states)  # (B, V) float32
-        tokens = torch.empty(len(states), dtype=torch.int64)  # (B,)
-        greedy = [i for i, s in enumerate(states) if s.params.greedy]
-        sampled = [i for i, s in enumerate(states) if not s.params.greedy]
+        tokens = torch.full((len(states),), NO_TOKEN, dtype=torch.int64)  # (B,)
+        # max is NaN when a NaN is in the row, inf with +inf, -inf when nothing finite is left
+        usable = torch.isfinite(scores.amax(dim=-1)).tolist()  # O(B·V)
+        greedy = [i for i, s in enumerate(states) if s.params.greedy and usable[i]]
+        sampled = [i for i, s in enumerate(states) if not s.params.greedy and usable[i]]
         if greedy:
             tokens[greedy] = _rows(scores, greedy).argmax(-1)  # O(V) per row
         if sampled:  # a few O(V) passes per row (see sampling_distribution), then O(V) for the draw
-            sampled_states = [states[i] for i in sampled]
-            probs = sampling_distribution(_rows(scores, sampled), sampled_states)
-            tokens[sampled] = _inverse_cdf(probs, _uniforms(sampled_states, self.generator))
-        return SampleResult(tokens.tolist(), _logprobs(logits, tokens, states))
+            probs = sampling_distribution(_rows(scores, sampled), [states[i] for i in sampled])
+            mass = probs.sum(dim=-1)  # not finite, or 0: dividing by the temperature overflowed
+            ok = (torch.isfinite(mass) & (mass > 0)).tolist()
+            keep = [j for j, good in enumerate(ok) if good]
+            for j, i in enumerate(sampled):
+                usable[i] = ok[j]
+            if keep:  # the draw indexes by the CDF: only rows whose mass is a positive number
+                rows = [sampled[j] for j in keep]
+                tokens[rows] = _inverse_cdf(_rows(probs, keep), _uniforms([states[i] for i in rows], self.generator))
+        errors = [None if ok else NONFINITE for ok in usable]
+        return SampleResult(tokens.tolist(), _logprobs(logits, tokens, states, usable), errors)
+
+    def row_by_row(self, logits: torch.Tensor, states: Sequence[SequenceSampling]) -> SampleResult:
+        """Each row sampled on its own: a row whose sampling raises gets the exception as its error,
+        the others their tokens. Slower; the engine uses it only after a batch raised."""
+        out = SampleResult([], [], [])
+        for i, state in enumerate(states):
+            try:
+                one = self(logits[i:i + 1], [state])
+            except Exception as exc:  # noqa: BLE001 - the row's own failure, reported as its error
+                one = SampleResult([NO_TOKEN], [None], [f"sampling failed: {type(exc).__name__}: {exc}"])
+            out.token_ids += one.token_ids
+            out.logprobs += one.logprobs
+            out.errors += one.errors
+        return out
 
 
 def _check_batch(logits: torch.Tensor, states: Sequence[SequenceSampling]) -> None:
@@ -417,11 +454,12 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.minimum(hit, last)
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-              states: Sequence[SequenceSampling]) -> list[TokenLogprobs | None]:
-    """log_softmax of the raw logits for rows that asked: the chosen token's and the top n."""
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, states: Sequence[SequenceSampling],
+              usable: list[bool]) -> list[TokenLogprobs | None]:
+    """log_softmax of the raw logits for rows that asked (and got a token): the chosen token's
+    and the top n."""
     out: list[TokenLogprobs | None] = [None] * len(states)
-    rows = [i for i, s in enumerate(states) if s.params.logprobs > 0]
+    rows = [i for i, s in enumerate(states) if s.params.logprobs > 0 and usable[i]]
     if not rows:
         return out
     logprobs = torch.log_softmax(_rows(logits, rows).float(), dim=-1)  # (R, V), O(R·V)
