@@ -14,6 +14,8 @@ as outputs arrive.
     tpserve_requests_waiting{replica}            sequences queued in the replica's engine
     tpserve_kv_cache_usage_ratio{replica}        KV blocks used / KV blocks in the pool
     tpserve_replica_healthy{replica}             1 while the replica takes requests
+    tpserve_replica_failures_total{replica}      times the replica was taken out of routing
+    tpserve_replica_restarts_total{replica}      times the replica was rebuilt and took requests again
     tpserve_prompt_tokens_total{replica}         prompt tokens of requests that started generating
     tpserve_generation_tokens_total{replica}     generated tokens
     tpserve_requests_finished_total{replica,reason}   length | stop | eos | cancelled | error | ...
@@ -45,6 +47,10 @@ class Metrics:
                               ["replica"], registry=r)
         self.healthy = Gauge("tpserve_replica_healthy", "1 while the replica takes requests",
                              ["replica"], registry=r)
+        self.failures = Counter("tpserve_replica_failures", "Times a replica was taken out of routing",
+                                ["replica"], registry=r)
+        self.restarts = Counter("tpserve_replica_restarts", "Times a replica was rebuilt", ["replica"],
+                                registry=r)
         self.prompt_tokens = Counter("tpserve_prompt_tokens", "Prompt tokens", ["replica"], registry=r)
         self.generation_tokens = Counter("tpserve_generation_tokens", "Generated tokens",
                                          ["replica"], registry=r)
@@ -71,6 +77,14 @@ class Metrics:
 
     def replica_health(self, replica_id: int, healthy: bool) -> None:
         self.healthy.labels(str(replica_id)).set(1 if healthy else 0)
+
+    def replica_failed(self, replica_id: int) -> None:
+        self.failures.labels(str(replica_id)).inc()
+        self.replica_health(replica_id, False)
+
+    def replica_restarted(self, replica_id: int) -> None:
+        self.restarts.labels(str(replica_id)).inc()
+        self.replica_health(replica_id, True)
 
     def first_token(self, replica_id: int, seconds: float, prompt_tokens: int,
                     queued_s: float | None) -> None:

@@ -4,12 +4,14 @@
     router.start(asyncio.get_running_loop())         # on the event loop that serves gRPC
     handle = router.submit(job, timeout_s=30)        # GenerateJob -> RequestHandle, or raises
     outputs = await handle.next()                    # RequestOutput deltas, batched per step
-    router.abort(handle)                             # client gone: free its KV blocks
+    router.release(handle)                           # the call is over: abort it if still running
     await router.close(grace_s=5)                    # drain, then CANCELLED for the rest
 
-Admission (`AdmissionPolicy`): a request counts from `submit` until it ends (see below). A new
-request is refused at once with `Overloaded` (RESOURCE_EXHAUSTED) when the requests in flight on
-healthy replicas reach
+Admission (`AdmissionPolicy`): a request counts from `submit` until its gRPC handler `release`s
+it, i.e. until its last message is written, not merely until the engine finished it: a client
+that opens streams and never reads them holds its slots, so it cannot make the server buffer an
+unbounded number of finished outputs. A new request is refused at once with `Overloaded`
+(RESOURCE_EXHAUSTED) when the admitted requests reach
 
     max_batch_size × healthy replicas          (what the engines can run at once)
   + server.max_queued_requests                  (what may wait for a batch slot)
@@ -28,7 +30,10 @@ every `MONITOR_INTERVAL_S`. Threads only make Ray calls and hand results to the 
 the loop thread only, so it needs no locks.
 
 Failure: a replica is taken out of routing when its poll reports a failure, a Ray call to it
-fails, or the monitor finds it unhealthy (a dead actor is seen within about a second). Its
+fails, or the monitor finds it unhealthy (a dead actor is seen within about a second). A report
+names the `_ReplicaLink` (one per replica incarnation) or the controller's replica object it is
+about, and is ignored when that is no longer the current one: a late report about a replica's
+old incarnation never takes out the rebuilt one. Its
 requests in flight end at once with `ReplicaUnavailable` (UNAVAILABLE) naming the failure, and
 `on_health(False)` is called. With `rebuild`, the monitor then starts a thread that asks the
 controller for a fresh replica (placement, actors, process group, weights), retrying with backoff;
@@ -120,6 +125,7 @@ class RequestHandle:
         self.last_token_at: float | None = None
         self.generated = 0
         self.done = False  # no longer in flight: finished, failed, aborted or expired
+        self.released = False  # its call is over: it no longer counts for admission
         self.timer: asyncio.TimerHandle | None = None
         self._items: deque = deque()  # RequestOutput, then possibly one Exception
         self._ready = asyncio.Event()
@@ -162,8 +168,8 @@ class _ReplicaLink:
     """The router's side of one replica: requests in flight and the sender and poller threads.
 
     `inflight`, `routable` and `failure` belong to the event loop; the threads only make Ray calls
-    and report through `deliver(replica_id, outputs)` / `fail(replica_id, message)`, which they
-    schedule on the loop.
+    and report through `deliver(link, outputs)` / `fail(link, message)`, which they schedule on
+    the loop, naming this link so that the router can ignore reports of a link it replaced.
     """
 
     def __init__(self, replica, loop: asyncio.AbstractEventLoop, deliver: Callable, fail: Callable):
@@ -214,7 +220,7 @@ class _ReplicaLink:
                 try:
                     ray.get(call.remote(batch), timeout=RAY_CALL_TIMEOUT_S)
                 except Exception as exc:  # RayActorError, GetTimeoutError: the replica is gone
-                    self._report(self._fail, self.replica_id, f"{kind} failed: {type(exc).__name__}: {exc}")
+                    self._report(self._fail, self, f"{kind} failed: {type(exc).__name__}: {exc}")
                     return
             if None in ops:
                 return
@@ -225,15 +231,15 @@ class _ReplicaLink:
             try:
                 result = ray.get(head.poll.remote(POLL_S), timeout=POLL_S + RAY_CALL_TIMEOUT_S)
             except Exception as exc:
-                self._report(self._fail, self.replica_id, f"poll failed: {type(exc).__name__}: {exc}")
+                self._report(self._fail, self, f"poll failed: {type(exc).__name__}: {exc}")
                 return
             outputs = result.outputs
             if result.failure:  # its ERROR outputs say the same; the failure ends them as UNAVAILABLE
                 outputs = [o for o in outputs if o.finish_reason is not FinishReason.ERROR]
             if outputs:
-                self._report(self._deliver, self.replica_id, outputs)
+                self._report(self._deliver, self, outputs)
             if result.failure:
-                self._report(self._fail, self.replica_id, result.failure)
+                self._report(self._fail, self, result.failure)
                 return
 
     def _report(self, fn: Callable, *args) -> None:
@@ -259,6 +265,7 @@ class Router:
         self._rebuilding: set[int] = set()  # replica ids with a rebuild thread (monitor side)
         self._on_health = on_health or (lambda serving: None)
         self._links: list[_ReplicaLink] = []
+        self._admitted = 0  # requests submitted and not yet released (see the module docstring)
         self._ids = itertools.count()
         self._stats: dict[int, dict] = {}  # replaced whole by the monitor thread
         self._closed = False
@@ -314,22 +321,31 @@ class Router:
         live = [link for link in self._links if link.routable]
         if not live:
             raise ReplicaUnavailable(f"no healthy replica: {self._failures()}")
-        in_flight = sum(len(link.inflight) for link in live)
         limit = self.policy.limit(len(live))
-        if in_flight >= limit:
-            raise Overloaded(f"server at capacity: {in_flight} requests in flight, limit {limit} = "
+        if self._admitted >= limit:
+            raise Overloaded(f"server at capacity: {self._admitted} requests admitted (running, queued "
+                             f"or still being written to their clients), limit {limit} = "
                              f"{self.policy.explain(len(live))}; retry later")
         link = min(live, key=lambda l: (len(l.inflight), l.work, l.replica_id))
         handle = RequestHandle(job, f"{job.request_id}#{next(self._ids)}", link.replica_id)
         link.inflight[handle.engine_id] = handle
+        self._admitted += 1
         if timeout_s is not None:
             handle.timer = self._loop.call_later(timeout_s, self._expire, handle, timeout_s)
         link.send_submit(Request(handle.engine_id, list(job.prompt_token_ids), job.params))
         return handle
 
+    def release(self, handle: RequestHandle) -> None:
+        """The call is over (its last message written, or the client gone): the request stops
+        counting for admission, and is aborted in its engine if it is still running there (its KV
+        blocks are freed at the engine's next step). Idempotent."""
+        if not handle.released:
+            handle.released = True
+            self._admitted -= 1
+        self.abort(handle)
+
     def abort(self, handle: RequestHandle) -> None:
-        """The client is gone: stop the request in its engine (its KV blocks are freed at the
-        engine's next step). A no-op once the request has ended."""
+        """Stop the request in its engine. A no-op once the request has ended."""
         if handle.done:
             return
         link = self._links[handle.replica_id]
@@ -350,8 +366,7 @@ class Router:
                 for l in self._links]
 
     # -- callbacks on the event loop ----------------------------------------------------------
-    def _deliver(self, replica_id: int, outputs: list[RequestOutput]) -> None:
-        link = self._links[replica_id]
+    def _deliver(self, link: _ReplicaLink, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         for out in outputs:
             handle = link.inflight.get(out.request_id)
@@ -395,10 +410,10 @@ class Router:
         if link.routable:
             link.send_abort(handle.engine_id)
 
-    def _fail_replica(self, replica_id: int, message: str) -> None:
-        link = self._links[replica_id]
-        if not link.routable:
-            return
+    def _fail_replica(self, link: _ReplicaLink, message: str) -> None:
+        replica_id = link.replica_id
+        if self._links[replica_id] is not link or not link.routable:
+            return  # about an incarnation already replaced, or already out of routing
         log.error("replica %d taken out of routing: %s", replica_id, message)
         link.routable, link.failure = False, message
         link.replica.healthy = False
@@ -407,7 +422,7 @@ class Router:
             handle.push(ReplicaUnavailable(f"replica {replica_id} failed: {message}"))
             self._retire(link, handle, "replica_failed")
         link.stop()
-        self.metrics.replica_health(replica_id, False)
+        self.metrics.replica_failed(replica_id)
         self.metrics.replica_stats(replica_id, {})  # nothing runs there any more
         self._on_health(self.serving)
 
@@ -418,7 +433,7 @@ class Router:
         link = _ReplicaLink(replica, self._loop, self._deliver, self._fail_replica)
         self._links[replica.replica_id] = link
         link.start()
-        self.metrics.replica_health(replica.replica_id, True)
+        self.metrics.replica_restarted(replica.replica_id)
         self._on_health(self.serving)
 
     def _failures(self) -> str:
@@ -439,8 +454,14 @@ class Router:
     def _check_health(self) -> None:
         for replica in self.controller.check():  # blocking Ray calls, bounded by their timeout
             if not replica.healthy:
-                self._report(self._fail_replica, replica.replica_id,
-                             replica.failure or "the replica is unhealthy")
+                self._report(self._fail_unhealthy, replica)
+
+    def _fail_unhealthy(self, replica) -> None:
+        """Loop thread: the monitor found `replica` unhealthy; it counts only while it is the
+        replica the current link serves (not an incarnation already rebuilt)."""
+        link = self._links[replica.replica_id]
+        if link.replica is replica:
+            self._fail_replica(link, replica.failure or "the replica is unhealthy")
 
     def _start_rebuilds(self) -> None:
         """A replica taken out of routing gets one rebuild thread (when rebuilding is on)."""
