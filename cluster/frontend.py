@@ -11,15 +11,23 @@ with a one-line message (the traceback goes to the server log, never to the clie
 Request lifetime: a request is admitted by `router.submit` and, whatever ends the call (its final
 output, an error, the client cancelling or disconnecting, the client's deadline), the request is
 aborted in its engine unless it already finished (`router.abort` is a no-op then), which frees its
-KV blocks at the engine's next step. ``server.request_timeout_s`` is enforced by the router and
-ends the call with DEADLINE_EXCEEDED.
+KV blocks at the engine's next step. It counts against admission until its handler is done
+writing (`router.release`), so streams nobody reads hold a slot, not an unbounded backlog.
+``server.request_timeout_s`` applies to calls without a deadline of their own: the router
+enforces it and ends the call with DEADLINE_EXCEEDED.
+
+Checking a request that takes real time (a chat to render, a long prompt to tokenize:
+`RequestValidator.heavy`) runs on a small thread pool, so the event loop keeps streaming; at most
+`MAX_PENDING_CHECKS` such checks wait at once, beyond that a request gets RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -30,8 +38,12 @@ from cluster.router import (EngineError, Overloaded, ReplicaState, ReplicaUnavai
                             RequestTimeout, Router)
 from cluster.validation import InvalidRequest, RequestValidator, Unsupported, parse_message
 from worker.engine import FinishReason, RequestOutput
+from worker.sampling import MAX_ABS_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY
 
 log = logging.getLogger("tpserve.frontend")
+
+CHECK_THREADS = 2
+MAX_PENDING_CHECKS = 64
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TPServe"].full_name  # "tpserve.v1.TPServe"
 
@@ -68,10 +80,12 @@ class TPServeServicer:
         self._model = model  # the static part of ModelInfo; replicas are added per call
         self._timeout_s = request_timeout_s
         self._metrics = metrics
+        self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="tpserve-check")
+        self._pending_checks = 0
 
     async def Generate(self, request, context):
         async with self._statuses(context):
-            handle = self._submit(request, context)
+            handle = await self._submit(request, context)
             try:
                 yield start_message(handle)
                 finished = False
@@ -80,28 +94,28 @@ class TPServeServicer:
                     finished = outputs[-1].finished
                     yield delta_message(outputs, handle, self._validator.token_text)
             finally:
-                self._router.abort(handle)
+                self._router.release(handle)
 
     async def GenerateUnary(self, request, context):
         async with self._statuses(context):
-            handle = self._submit(request, context)
+            handle = await self._submit(request, context)
             try:
                 outputs: list[RequestOutput] = []
                 while not (outputs and outputs[-1].finished):
                     outputs += await handle.next()
                 return result_message(outputs, handle, self._validator.token_text)
             finally:
-                self._router.abort(handle)
+                self._router.release(handle)
 
     async def Tokenize(self, request, context):
         async with self._statuses(context):
-            t = self._validator.tokenize(request)
+            t = await self._check(self._validator.tokenize, request)
             return pb.TokenizeResponse(token_ids=t.token_ids, tokens=t.tokens, count=len(t.token_ids),
                                        rendered_prompt=t.rendered_prompt)
 
     async def Detokenize(self, request, context):
         async with self._statuses(context):
-            return pb.DetokenizeResponse(text=self._validator.detokenize(request))
+            return pb.DetokenizeResponse(text=await self._check(self._validator.detokenize, request))
 
     async def ModelInfo(self, request, context):
         async with self._statuses(context):
@@ -109,12 +123,31 @@ class TPServeServicer:
             return model_info(self._model, self._router.replica_states())
 
     # -- helpers ------------------------------------------------------------------------------
-    def _submit(self, request, context) -> RequestHandle:
-        handle = self._router.submit(self._validator.generate(request), self._timeout_s)
+    async def _submit(self, request, context) -> RequestHandle:
+        job = await self._check(self._validator.generate, request)
+        # The server's timeout is for calls that set no deadline; gRPC ends the others itself.
+        timeout = self._timeout_s if context.time_remaining() is None else None
+        handle = self._router.submit(job, timeout)
         # However the call ends (even a cancel while a response is being written), the request
-        # leaves its engine; a no-op when it already finished.
-        context.add_done_callback(lambda _: self._router.abort(handle))
+        # leaves its engine and stops counting for admission; a no-op when already done.
+        context.add_done_callback(lambda _: self._router.release(handle))
         return handle
+
+    async def _check(self, check, request):
+        """check(request) inline when it is cheap, else on the check threads (bounded)."""
+        if not self._validator.heavy(request):
+            return check(request)
+        if self._pending_checks >= MAX_PENDING_CHECKS:
+            raise Overloaded(f"{self._pending_checks} large requests are being checked already "
+                             f"(at most {MAX_PENDING_CHECKS}); retry later")
+        self._pending_checks += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._checks, check, request)
+        finally:
+            self._pending_checks -= 1
+
+    def close(self) -> None:
+        self._checks.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.asynccontextmanager
     async def _statuses(self, context):
@@ -218,7 +251,11 @@ def describe_model(controller, validator: RequestValidator) -> pb.ModelInfoRespo
                          max_waiting_requests=lim.max_waiting_requests,
                          max_stop_strings=lim.max_stop_strings,
                          max_stop_string_length=lim.max_stop_string_length,
-                         max_stop_token_ids=lim.max_stop_token_ids, max_logprobs=lim.max_logprobs),
+                         max_stop_token_ids=lim.max_stop_token_ids, max_logprobs=lim.max_logprobs,
+                         max_chat_messages=lim.max_chat_messages, max_prompt_bytes=validator.max_prompt_bytes,
+                         max_detokenize_ids=lim.max_detokenize_ids, max_temperature=MAX_TEMPERATURE,
+                         min_repetition_penalty=MIN_REPETITION_PENALTY,
+                         max_repetition_penalty=MAX_REPETITION_PENALTY, max_abs_penalty=MAX_ABS_PENALTY),
     )
     if model.bos_token_id is not None:
         info.bos_token_id = model.bos_token_id

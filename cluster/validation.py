@@ -23,6 +23,12 @@ Decisions (documented in the proto where they are visible to clients):
   adding special tokens, since the template writes them itself.
 * Invalid UTF-8 in a string field is caught while the message is parsed (`parse_message`), so the
   client gets INVALID_ARGUMENT naming the field rather than a generic deserialization failure.
+
+Cost: every request is rejected in time linear in its size, cheap checks first. Sizes and counts
+(request id, stop strings, chat messages and their bytes, prompt bytes, token-id counts) are
+checked before anything that costs more per byte (rendering a chat, tokenizing, per-id loops),
+and varints on the wire walk are at most 10 bytes. What still costs real time, rendering a chat
+template or tokenizing a long prompt, is `heavy`: the front end runs it off the event loop.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ DEFAULT_MAX_TOKENS = 256  # when SamplingParams.max_tokens is unset (capped by t
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 128
+MAX_CHAT_MESSAGES = 256
+MAX_VARINT_BYTES = 10  # a 64-bit varint takes at most 10 bytes on the wire
+HEAVY_TEXT_CHARS = 2048  # prompts longer than this are tokenized off the event loop
+HEAVY_TOKEN_IDS = 4096  # likewise for token-id lists
 
 
 class InvalidRequest(ValueError):
@@ -80,10 +90,15 @@ class Limits:
     max_stop_string_length: int
     max_stop_token_ids: int = MAX_STOP_TOKEN_IDS
     max_logprobs: int = MAX_LOGPROBS
+    max_chat_messages: int = MAX_CHAT_MESSAGES
 
     @property
     def default_max_tokens(self) -> int:
         return min(DEFAULT_MAX_TOKENS, self.max_tokens_per_request)
+
+    @property
+    def max_detokenize_ids(self) -> int:
+        return self.max_model_len
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> "Limits":
@@ -184,14 +199,16 @@ def _wire_fields(data: bytes):
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position). At most MAX_VARINT_BYTES bytes are read: a longer run of
+    continuation bytes is malformed, and following it would cost quadratic time."""
     value = shift = 0
-    while True:
+    for pos in range(pos, min(pos + MAX_VARINT_BYTES, len(data))):
         byte = data[pos]
         value |= (byte & 0x7F) << shift
-        pos += 1
         if byte < 0x80:
-            return value, pos
+            return value, pos + 1
         shift += 7
+    raise ValueError("varint too long or truncated")
 
 
 # --- chat templates ----------------------------------------------------------------------------
@@ -254,7 +271,7 @@ class RequestValidator:
         # A prompt of more UTF-8 bytes than this cannot fit max_model_len tokens (every token
         # covers at most this many bytes), so it is rejected before paying for tokenization.
         longest = max(len(t.encode()) for t in tokenizer.get_vocab(with_added_tokens=True))
-        self._max_prompt_bytes = longest * limits.max_model_len
+        self.max_prompt_bytes = longest * limits.max_model_len
         self._token_texts: dict[int, str] = {}
 
     @classmethod
@@ -287,6 +304,10 @@ class RequestValidator:
 
     def detokenize(self, request: pb.DetokenizeRequest | Malformed) -> str:
         request = self.check_parsed(request)
+        limit = self.limits.max_detokenize_ids
+        if len(request.token_ids) > limit:
+            raise InvalidRequest("token_ids", f"has {len(request.token_ids)} ids; at most "
+                                 f"max_detokenize_ids = {limit} are allowed")
         self._check_token_ids(request.token_ids, "token_ids", allow_empty=True)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         return self.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip)
@@ -304,6 +325,21 @@ class RequestValidator:
         if isinstance(request, Malformed):
             raise InvalidRequest(request.field, request.problem)
         return request
+
+    @staticmethod
+    def heavy(request) -> bool:
+        """Whether checking `request` may take real time (a chat to render, a long text to
+        tokenize, a long id list): the front end then checks it off the event loop."""
+        if isinstance(request, pb.DetokenizeRequest):
+            return len(request.token_ids) > HEAVY_TOKEN_IDS
+        if not isinstance(request, (pb.GenerateRequest, pb.TokenizeRequest)):
+            return False
+        kind = request.WhichOneof("input")
+        if kind == "chat":
+            return True
+        if kind in ("prompt", "text"):
+            return len(getattr(request, kind)) > HEAVY_TEXT_CHARS
+        return kind == "prompt_token_ids" and len(request.prompt_token_ids.ids) > HEAVY_TOKEN_IDS
 
     # -- fields -------------------------------------------------------------------------------
     def _request_id(self, request_id: str) -> str:
@@ -364,6 +400,7 @@ class RequestValidator:
         elif kind == "chat":
             ids = self._encode(self._render_chat(request.chat), "chat", special_tokens=False)
         elif kind == "prompt_token_ids":
+            self._check_prompt_length(len(request.prompt_token_ids.ids), kind)  # before the per-id pass
             ids = self._check_token_ids(request.prompt_token_ids.ids, "prompt_token_ids.ids")
         else:
             raise InvalidRequest("input", "must be set: give prompt, chat or prompt_token_ids")
@@ -380,7 +417,7 @@ class RequestValidator:
         if not text:
             raise InvalidRequest(field, "must not be empty")
         size = len(text.encode())
-        if size > self._max_prompt_bytes:
+        if size > self.max_prompt_bytes:
             raise InvalidRequest(field, f"has {size} bytes, more than max_model_len = "
                                  f"{self.limits.max_model_len} tokens can hold")
         return self._encode(text, field, special_tokens=True)
@@ -394,25 +431,34 @@ class RequestValidator:
     def _render_chat(self, chat: pb.ChatInput) -> str:
         if self.chat_template is None:
             raise Unsupported("this model has no chat template: send prompt or prompt_token_ids")
-        if not chat.messages:
+        n, limit = len(chat.messages), self.limits.max_chat_messages
+        if not n:
             raise InvalidRequest("chat.messages", "must not be empty")
+        if n > limit:
+            raise InvalidRequest("chat.messages", f"has {n} messages; at most max_chat_messages = {limit} "
+                                 "are allowed")
+        size = sum(len(m.content.encode()) for m in chat.messages)
+        if size > self.max_prompt_bytes:
+            raise InvalidRequest("chat.messages", f"have {size} bytes of content, more than "
+                                 f"max_model_len = {self.limits.max_model_len} tokens can hold")
         for i, message in enumerate(chat.messages):
             if message.role not in CHAT_ROLES:
                 raise InvalidRequest(f"chat.messages[{i}].role", f"must be one of "
                                      f"{', '.join(CHAT_ROLES)}, got {message.role!r}")
         text = self.chat_template.render([{"role": m.role, "content": m.content} for m in chat.messages])
-        if len(text.encode()) > self._max_prompt_bytes:
+        if len(text.encode()) > self.max_prompt_bytes:
             raise InvalidRequest("chat", f"renders to more than max_model_len = "
                                  f"{self.limits.max_model_len} tokens can hold")
         return text
 
     def _check_token_ids(self, ids, field: str, *, allow_empty: bool = False) -> list[int]:
+        """Callers check the count first; this is one pass (max) unless an id is out of range."""
         ids = list(ids)
         if not ids and not allow_empty:
             raise InvalidRequest(field, "must not be empty")
         vocab = self.limits.vocab_size
-        for i, token_id in enumerate(ids):
-            if token_id >= vocab:
-                raise InvalidRequest(f"{field}[{i}]", f"must be below vocab_size {vocab}, got {token_id}")
+        if ids and max(ids) >= vocab:
+            i = next(i for i, token_id in enumerate(ids) if token_id >= vocab)
+            raise InvalidRequest(f"{field}[{i}]", f"must be below vocab_size {vocab}, got {ids[i]}")
         return ids
 

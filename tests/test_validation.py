@@ -55,7 +55,8 @@ BAD = [  # (request, field, a piece of the message stating the limit)
     (req(top_p=math.nan), "sampling.top_p", "(0, 1], got nan"),
     (req(top_k=49153), "sampling.top_k", "[0, vocab_size 49152]"),
     (req(min_p=2.0), "sampling.min_p", "[0, 1], got 2.0"),
-    (req(repetition_penalty=-1.0), "sampling.repetition_penalty", "(0, 2]"),
+    (req(repetition_penalty=-1.0), "sampling.repetition_penalty", "[0.01, 2]"),
+    (req(repetition_penalty=1e-38), "sampling.repetition_penalty", "[0.01, 2], got 9.99"),
     (req(repetition_penalty=math.inf), "sampling.repetition_penalty", "got inf"),
     (req(presence_penalty=2.5), "sampling.presence_penalty", "[-2, 2], got 2.5"),
     (req(frequency_penalty=-math.inf), "sampling.frequency_penalty", "[-2, 2], got -inf"),
@@ -69,6 +70,8 @@ BAD = [  # (request, field, a piece of the message stating the limit)
     (chat(("", "hi")), "chat.messages[0].role", "got ''"),
     (pb.GenerateRequest(chat=pb.ChatInput()), "chat.messages", "must not be empty"),
     (chat(("user", "word " * 600)), "chat", "max_model_len - 1 = 511"),
+    (chat(*[("user", "hi")] * 257), "chat.messages", "has 257 messages; at most max_chat_messages = 256"),
+    (chat(("user", "x" * 60_000), ("user", "y" * 60_000)), "chat.messages", "bytes of content, more than"),
     (pb.GenerateRequest(request_id="r" * 129, prompt="Hi"), "request_id", "at most 128 characters, got 129"),
 ]
 
@@ -231,3 +234,45 @@ def test_client_request_building():
     with pytest.raises(TypeError, match="unknown sampling parameters"):
         build_request("a", temprature=0.5)
     assert finish_name(pb.FINISH_REASON_EOS) == "eos" and finish_name(0) is None and finish_name(99) is None
+
+
+# --- cost: linear in the size of the input, cheap checks first -----------------------------------
+
+
+@pytest.mark.parametrize("size", [400_000, 4 << 20])
+def test_a_malformed_body_is_rejected_in_linear_time(validator, size):
+    """b"\xff" * N used to cost O(N²) (a varint without a length cap built an ever larger int):
+    400 KB took 4.8 s on the event loop. 4 MiB, the message limit, is now milliseconds."""
+    import time
+
+    t0 = time.perf_counter()
+    parsed = parse_message(pb.ModelInfoRequest)(b"\xff" * size)
+    elapsed = time.perf_counter() - t0
+    assert isinstance(parsed, Malformed) and parsed.field == "request"
+    assert elapsed < 0.2, f"{size} bytes took {elapsed:.2f} s"
+    with pytest.raises(InvalidRequest):
+        validator.check_parsed(parsed)
+
+
+def test_counts_and_sizes_are_checked_before_rendering_or_tokenizing(validator, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("expensive work done for a request its size already rules out")
+
+    monkeypatch.setattr(validator.chat_template, "render", boom)
+    monkeypatch.setattr(validator.tokenizer, "encode", boom)
+    for bad in (chat(*[("user", "hi")] * 10_000), chat(("user", "z" * 1_000_000)), req("x" * 1_000_000),
+                ids(*range(1_000_000))):
+        with pytest.raises(InvalidRequest):
+            validator.generate(bad)
+    with pytest.raises(InvalidRequest, match=r"^token_ids has 100000 ids; at most max_detokenize_ids = 512"):
+        validator.detokenize(pb.DetokenizeRequest(token_ids=[1] * 100_000))
+
+
+def test_heavy_requests_are_the_ones_to_check_off_the_event_loop():
+    heavy = RequestValidator.heavy
+    assert heavy(chat(("user", "hi")))
+    assert heavy(req("x" * 5000)) and not heavy(req("Hello"))
+    assert heavy(ids(*[1] * 5000)) and not heavy(ids(1, 2, 3))
+    assert heavy(pb.TokenizeRequest(text="y" * 5000)) and not heavy(pb.TokenizeRequest(text="y"))
+    assert heavy(pb.DetokenizeRequest(token_ids=[1] * 5000)) and not heavy(pb.DetokenizeRequest(token_ids=[1]))
+    assert not heavy(pb.ModelInfoRequest()) and not heavy(Malformed("request", "bad"))

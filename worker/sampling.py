@@ -43,7 +43,11 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing by them woul
 SEED_MAX = 2**64 - 1  # torch.Generator seeds are uint64
 TOP_P_FIRST_K = 256  # candidates top-p looks at before widening (×8 per round, up to V)
 CDF_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
-MIN_REPETITION_PENALTY = 0.01  # logits are divided by at most 1/0.01: no float32 overflow
+# Ranges that no value can overflow float32 scores with (reported in ModelInfo.limits).
+MAX_TEMPERATURE = 2.0
+MIN_REPETITION_PENALTY = 0.01  # a logit is scaled by at most 1/0.01
+MAX_REPETITION_PENALTY = 2.0
+MAX_ABS_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2]
 NO_TOKEN = -1  # the token of a row that failed (SampleResult.errors says why)
 
 
@@ -110,13 +114,13 @@ class SamplingParams:
         """
         _check_int("max_tokens", self.max_tokens, 1, max_tokens_limit)
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens, note=" (at most max_tokens)")
-        _check_float("temperature", self.temperature, 0.0, 2.0)
+        _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _check_int("top_k", self.top_k, 0, note=" (0 disables it)")
         _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _check_float("min_p", self.min_p, 0.0, 1.0)
-        _check_float("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, 2.0)
-        _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_float("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        _check_float("presence_penalty", self.presence_penalty, -MAX_ABS_PENALTY, MAX_ABS_PENALTY)
+        _check_float("frequency_penalty", self.frequency_penalty, -MAX_ABS_PENALTY, MAX_ABS_PENALTY)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, SEED_MAX)
         for i, stop in enumerate(self.stop):

@@ -243,7 +243,7 @@ class ReplicaStatus(_message.Message):
     def __init__(self, replica_id: _Optional[int] = ..., healthy: _Optional[bool] = ..., message: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankPlacement, _Mapping]]] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_model_len", "max_tokens_per_request", "default_max_tokens", "max_batch_size", "max_waiting_requests", "max_stop_strings", "max_stop_string_length", "max_stop_token_ids", "max_logprobs")
+    __slots__ = ("max_model_len", "max_tokens_per_request", "default_max_tokens", "max_batch_size", "max_waiting_requests", "max_stop_strings", "max_stop_string_length", "max_stop_token_ids", "max_logprobs", "max_chat_messages", "max_prompt_bytes", "max_detokenize_ids", "max_temperature", "min_repetition_penalty", "max_repetition_penalty", "max_abs_penalty")
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,13 @@ class Limits(_message.Message):
     MAX_STOP_STRING_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHAT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETOKENIZE_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_PENALTY_FIELD_NUMBER: _ClassVar[int]
     max_model_len: int
     max_tokens_per_request: int
     default_max_tokens: int
@@ -262,7 +269,14 @@ class Limits(_message.Message):
     max_stop_string_length: int
     max_stop_token_ids: int
     max_logprobs: int
-    def __init__(self, max_model_len: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_length: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_logprobs: _Optional[int] = ...) -> None: ...
+    max_chat_messages: int
+    max_prompt_bytes: int
+    max_detokenize_ids: int
+    max_temperature: float
+    min_repetition_penalty: float
+    max_repetition_penalty: float
+    max_abs_penalty: float
+    def __init__(self, max_model_len: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_length: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., max_chat_messages: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_detokenize_ids: _Optional[int] = ..., max_temperature: _Optional[float] = ..., min_repetition_penalty: _Optional[float] = ..., max_repetition_penalty: _Optional[float] = ..., max_abs_penalty: _Optional[float] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_path", "architecture", "dtype", "device", "tensor_parallel_size", "num_replicas", "replicas", "limits", "vocab_size", "eos_token_ids", "bos_token_id", "has_chat_template", "kv_block_size", "server_version")
