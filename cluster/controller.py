@@ -224,7 +224,9 @@ class Controller:
         import torch
 
         same_host = len({n["node_id"] for n in nodes}) == 1
-        backend = resolve_backend(self.cfg.device.backend, torch.device(self.cfg.device.type), same_host)
+        free = min(n.get("shm_free_bytes", 0) for n in nodes)  # measured on the ranks' node
+        backend = resolve_backend(self.cfg.device.backend, torch.device(self.cfg.device.type), same_host,
+                                  len(nodes), free)
         if backend == "shm" and not same_host:
             raise DeploymentError("device.backend shm needs all ranks of a replica on one node; "
                                   "use gloo or placement: pack")

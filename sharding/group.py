@@ -20,11 +20,16 @@ the address to the other ranks, and they connect to it.
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("tpserve.group")
+
+SHM_CAPACITY_BYTES = 4 << 20  # the shared-memory communicator's largest chunk per rank and step
 
 
 def open_store(host: str, port: int, world_size: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
@@ -35,8 +40,11 @@ def open_store(host: str, port: int, world_size: int, is_master: bool, timeout_s
     )
 
 
-def resolve_backend(backend: str, device: torch.device, same_host: bool) -> str:
-    """'auto' picks nccl for CUDA, shm for co-located CPU ranks when supported, else gloo."""
+def resolve_backend(backend: str, device: torch.device, same_host: bool, world_size: int = 2,
+                    shm_free_bytes: int | None = None) -> str:
+    """'auto' picks nccl for CUDA; for co-located CPU ranks shm when supported and /dev/shm
+    (`shm_free_bytes` on the ranks' host; measured here when None) has room for the segment,
+    else gloo, saying why in one log line."""
     if backend != "auto":
         return backend
     if device.type == "cuda":
@@ -45,7 +53,12 @@ def resolve_backend(backend: str, device: torch.device, same_host: bool) -> str:
         from sharding.shm import ShmCommunicator
 
         if ShmCommunicator.supported():
-            return "shm"
+            need = ShmCommunicator.segment_bytes(world_size, SHM_CAPACITY_BYTES)
+            free = ShmCommunicator.free_bytes() if shm_free_bytes is None else shm_free_bytes
+            if free >= need:
+                return "shm"
+            log.warning("tpserve: /dev/shm has %d MiB free, the shared-memory collectives need %d MiB; "
+                        "using gloo", free >> 20, -(-need >> 20))
     return "gloo"
 
 
@@ -89,7 +102,7 @@ class TPGroup:
             from sharding.shm import ShmCommunicator
 
             shm = ShmCommunicator.create(
-                store, rank, world_size, capacity_bytes=4 << 20, timeout_s=timeout_s, tag=f"{tag}/shm"
+                store, rank, world_size, capacity_bytes=SHM_CAPACITY_BYTES, timeout_s=timeout_s, tag=f"{tag}/shm"
             )
         return cls(rank, world_size, device, backend, timeout_s, dist.group.WORLD, shm)
 

@@ -66,14 +66,15 @@ error (argument errors included: they desynchronize the group) marks this rank A
 in the segment, so its peers fail fast too; the communicator is then unusable.
 
 Limits: ranks must share one host, one /dev/shm and one pid namespace (checked at the
-rendezvous; every rank fails together, so all can fall back to gloo). If rank 0 is killed
-between creating the file and the peers attaching, that one file stays in /dev/shm.
+rendezvous; every rank fails together, so all can fall back to gloo).
 
 Lifetime: rank 0 creates the file, publishes its name through the store, peers attach
 and verify, and once all have attached every rank unlinks the file (whoever comes first).
 Mappings stay valid after unlink, so nothing is left in /dev/shm even if a rank is later
-SIGKILLed. The file is opened with os.open + mmap, bypassing
-multiprocessing.shared_memory and its resource tracker.
+SIGKILLed. A rank 0 killed after creating the file but before every peer attached leaves the
+file behind; its name holds rank 0's pid, and every later `create` on the host removes such
+files whose creator is gone (`sweep_orphans`). The file is opened with os.open + mmap,
+bypassing multiprocessing.shared_memory and its resource tracker.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def _round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _proc_start_time(pid: int) -> int | None:
+def proc_start_time(pid: int) -> int | None:
     """Start time of ``pid`` (clock ticks since boot) or None if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -188,6 +189,15 @@ class ShmCommunicator:
             and platform.machine().lower() in ("x86_64", "amd64")
             and os.path.isdir(ShmCommunicator.SHM_DIR)
         )
+
+    @staticmethod
+    def free_bytes() -> int:
+        """Bytes /dev/shm can still take (0 where there is none)."""
+        try:
+            st = os.statvfs(ShmCommunicator.SHM_DIR)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
 
     @staticmethod
     def segment_bytes(world_size: int, capacity_bytes: int) -> int:
@@ -306,7 +316,24 @@ class ShmCommunicator:
             pass
 
     @classmethod
+    def sweep_orphans(cls) -> list[str]:
+        """Unlinks the segments whose creator (the pid in their name) is gone; returns their
+        paths. A segment of a live process is left alone, whatever its state."""
+        removed = []
+        try:
+            names = [n for n in os.listdir(cls.SHM_DIR) if n.startswith(cls.NAME_PREFIX)]
+        except OSError:
+            return removed
+        for name in names:
+            pid = name.rsplit("-", 2)[-2]  # ...-<pid>-<random hex>
+            if pid.isdigit() and proc_start_time(int(pid)) is None:
+                cls._unlink(os.path.join(cls.SHM_DIR, name))
+                removed.append(os.path.join(cls.SHM_DIR, name))
+        return removed
+
+    @classmethod
     def _create_segment(cls, layout: "_ShmLayout", tag: str):
+        cls.sweep_orphans()
         safe_tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)[:64]
         nonce = secrets.randbits(62)
         name = f"{cls.NAME_PREFIX}{safe_tag}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -433,7 +460,7 @@ class ShmCommunicator:
         pid = os.getpid()
         c = self._ctl
         c[self._ctl_idx(self._rank, _C_PID)] = pid
-        c[self._ctl_idx(self._rank, _C_START)] = _proc_start_time(pid) or 0
+        c[self._ctl_idx(self._rank, _C_START)] = proc_start_time(pid) or 0
         c[self._ctl_idx(self._rank, _C_STATE)] = _ST_ACTIVE
 
     def _check_peers_visible(self) -> None:
@@ -443,7 +470,7 @@ class ShmCommunicator:
             start = self._ctl[self._ctl_idx(j, _C_START)]
             if self._ctl[self._ctl_idx(j, _C_STATE)] != _ST_ACTIVE or pid <= 0:
                 raise CollectiveError(f"rank {j} did not register in the shared segment")
-            if _proc_start_time(pid) != start:
+            if proc_start_time(pid) != start:
                 raise CollectiveError(
                     f"rank {j}'s process (pid {pid}) is not visible from rank {self._rank}: "
                     "different pid namespace? shared-memory collectives need one host view")
@@ -727,7 +754,7 @@ class ShmCommunicator:
             if state == _ST_CLOSED:
                 return f"rank {j} closed its communicator"
             pid, start = self._peer_pid[j]
-            if _proc_start_time(pid) != start:
+            if proc_start_time(pid) != start:
                 return f"rank {j} (pid {pid}) has exited"
         return None
 

@@ -381,16 +381,16 @@ def test_single_rank_and_argument_checks():
 def test_liveness_probe_sees_zombies():
     import subprocess
 
-    from sharding.shm import _proc_start_time
-    assert _proc_start_time(os.getpid()) is not None
+    from sharding.shm import proc_start_time
+    assert proc_start_time(os.getpid()) is not None
     child = subprocess.Popen(["true"])
     deadline = time.monotonic() + 5
     # Exited but not reaped: a zombie must count as dead (os.kill(pid, 0) would succeed).
-    while _proc_start_time(child.pid) is not None and time.monotonic() < deadline:
+    while proc_start_time(child.pid) is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _proc_start_time(child.pid) is None
+    assert proc_start_time(child.pid) is None
     child.wait()
-    assert _proc_start_time(child.pid) is None
+    assert proc_start_time(child.pid) is None
 
 
 def test_supported_reports_architecture(monkeypatch):

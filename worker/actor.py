@@ -16,6 +16,7 @@ out (`poll`, which returns everything produced since the last poll, batched per 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -27,12 +28,21 @@ import torch
 
 from sharding.arch import ModelConfig
 from sharding.group import TPGroup, open_store
+from sharding.pinning import claim_cores
 from sharding.plan import RankPlan
+from sharding.shm import ShmCommunicator
 from worker.engine import Engine, FinishReason, Request, RequestOutput
 from worker.runner import ModelRunner
 from worker.step import StepInput
 
+log = logging.getLogger("tpserve.worker")
+
 HEARTBEAT_S = 1.0  # an idle rank 0 pings its peers this often; far below any collective timeout
+# A step running longer than this many collective timeouts makes rank 0 unhealthy. At TP > 1 a
+# stuck rank is found by its peers' collectives timing out; at TP = 1 there is no peer, so the
+# health check looks at the step itself. Generous: a whole step (a 512-token prefill of a large
+# model on CPU) may legitimately outlast a single collective's timeout.
+STUCK_STEP_TIMEOUTS = 4
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class RankWorker:
         self._outbox: list[RequestOutput] = []
         self._outbox_ready = threading.Condition()
         self._failure: str | None = None
+        self._step_started: float | None = None  # monotonic time the running engine step began
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -90,6 +101,7 @@ class RankWorker:
             "pid": os.getpid(),
             "device": str(self.device),
             "cpus": sorted(os.sched_getaffinity(0)),
+            "shm_free_bytes": ShmCommunicator.free_bytes(),
         }
 
     def open_store(self, host: str) -> int:
@@ -108,13 +120,19 @@ class RankWorker:
     def _pin(self) -> None:
         """Ranks exchanging through shared memory spin while they wait; two of them on one core
         take turns instead (tens of microseconds per collective). Rank r of replica i gets its
-        own `threads` cores, counted on from the replica's first, wrapping round the host's."""
+        own `threads` cores, tried from the replica's first onwards, wrapping round the host's,
+        and claimed machine-wide (`sharding.pinning`), so that no other rank of any server on
+        this host spins on them. With too few free cores the rank is not pinned."""
         s = self.spec
         cores = sorted(os.sched_getaffinity(0))
-        first = (s.replica_id * s.world_size + s.rank) * s.threads
-        mine = {cores[(first + i) % len(cores)] for i in range(s.threads)}
+        first = (s.replica_id * s.world_size + s.rank) * s.threads % len(cores)
+        mine = claim_cores(s.threads, cores[first:] + cores[:first])
+        if mine is None:
+            log.warning("replica %d rank %d: fewer than %d free cores to pin to; not pinned",
+                        s.replica_id, s.rank, s.threads)
+            return
         for task in os.listdir("/proc/self/task"):  # every thread: affinity is per thread on Linux
-            os.sched_setaffinity(int(task), mine)
+            os.sched_setaffinity(int(task), set(mine))
 
     def load(self) -> dict:
         from cluster.model_store import load_tokenizer, resolve_model
@@ -184,7 +202,17 @@ class RankWorker:
 
     def health(self) -> dict:
         alive = self._thread is not None and self._thread.is_alive()
-        return {"ok": alive and self._failure is None, "failure": self._failure}
+        failure = self._failure or self._stuck_step()
+        return {"ok": alive and failure is None, "failure": failure}
+
+    def _stuck_step(self) -> str | None:
+        started, limit = self._step_started, STUCK_STEP_TIMEOUTS * self.spec.collective_timeout_s
+        if started is None or time.monotonic() - started <= limit:
+            return None
+        s = self.spec
+        return (f"replica {s.replica_id} rank {s.rank}: an engine step has run for "
+                f"{time.monotonic() - started:.0f} s (the limit is {STUCK_STEP_TIMEOUTS} x "
+                f"engine.collective_timeout_s = {limit:g} s)")
 
     # -- threads ------------------------------------------------------------------------------
     def _warm_up(self) -> None:
@@ -202,7 +230,9 @@ class RankWorker:
             while not self._stopping.is_set():
                 self.engine.wait_for_work(0.1)
                 if self.engine.has_work:
+                    self._step_started = time.monotonic()
                     outputs = self.engine.step()
+                    self._step_started = None
                     last_sent = time.monotonic()
                     if outputs:
                         self._publish(outputs)
