@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -403,6 +404,8 @@ def test_validate_message_shows_the_value():
 
 def test_validate_accepts_edges():
     SamplingParams().validate()
+    f32 = lambda x: float(np.float32(x))  # noqa: E731 - what a float field of the proto carries
+    SamplingParams(repetition_penalty=f32(0.01), top_p=f32(1e-6)).validate()
     SamplingParams(temperature=0.0, top_p=1.0, min_p=1.0, top_k=0, repetition_penalty=2.0,
                    presence_penalty=-2.0, frequency_penalty=2.0, seed=2**64 - 1, logprobs=20,
                    max_tokens=4096, min_tokens=4096, stop=("\n",), stop_token_ids=(999,),

@@ -64,8 +64,11 @@ def _is_number(value: object) -> bool:
 
 
 def _check_float(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    above_lo = _is_number(value) and (value > lo if lo_open else value >= lo)
-    if not (above_lo and math.isfinite(value) and value <= hi):
+    """The bounds are compared as float32, the type of the proto's fields: a client that sends the
+    documented bound 0.01 sends float32(0.01) < 0.01, and must not be refused for it."""
+    lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))
+    above_lo = _is_number(value) and (value > lo32 if lo_open else value >= lo32)
+    if not (above_lo and math.isfinite(value) and value <= hi32):
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
         raise SamplingParamsError(name, f"{name} must be a finite number in {interval}, got {value!r}")
 
