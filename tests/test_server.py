@@ -404,14 +404,20 @@ def test_admission_queue_rejects_the_excess(pair):
         assert c.generate("Hello", max_tokens=2).completion_tokens == 2
 
 
-def test_server_request_timeout(pair):
-    with Client(pair.address, timeout=60) as c:
+def test_server_request_timeout_applies_to_calls_without_a_deadline_only(pair):
+    """request_timeout_s (8 s) ends a call that set no deadline; a call with a deadline of its
+    own (here 60 s) runs on past it."""
+    with Client(pair.address) as c, Client(pair.address, timeout=60) as patient:
+        own_deadline = patient.stream("Write a long story.", max_tokens=500, ignore_eos=True).start()
         started = time.monotonic()
         with pytest.raises(TPServeError) as err:
             list(c.stream("Write a long essay.", max_tokens=500, ignore_eos=True))
         assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
         assert "request_timeout_s (8 s)" in err.value.message
         assert 7.5 < time.monotonic() - started < 12
+        while time.monotonic() - started < 9.5:  # still streaming past the server's timeout
+            assert next(own_deadline).finish_reason is None
+        own_deadline.cancel()
         assert wait_for(lambda: kv_blocks_used(c) == [0, 0], 5)
 
 
