@@ -166,6 +166,9 @@ class Controller:
         try:
             nodes = ray.get([a.node_info.remote() for a in actors])
             backend = self._backend(nodes)
+            # Rank 0's store listens on this address only: loopback when the replica is on one
+            # node (its ranks then also run gloo over loopback, see RankWorker.init_group), so
+            # nothing of it is reachable from the network; else rank 0's node address.
             host = "127.0.0.1" if len({n["node_id"] for n in nodes}) == 1 else nodes[0]["ip"]
             port = ray.get(actors[0].open_store.remote(host))
             ray.get([a.init_group.remote(host, port, backend) for a in actors])

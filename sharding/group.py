@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -33,11 +34,17 @@ SHM_CAPACITY_BYTES = 4 << 20  # the shared-memory communicator's largest chunk p
 
 
 def open_store(host: str, port: int, world_size: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
-    """The rendezvous store; on rank 0 with port 0 the OS picks a free port (read it from `.port`)."""
-    return dist.TCPStore(
-        host, port, world_size, is_master,
-        timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
-    )
+    """The rendezvous store; on rank 0 with port 0 the OS picks a free port (read it from `.port`).
+
+    Rank 0's store listens on `host` only: TCPStore itself would listen on every interface
+    whatever `host` says, so it gets a socket already bound to `host` (and owns it from then on)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not (is_master and port == 0):
+        return dist.TCPStore(host, port, world_size, is_master, timeout=timeout, wait_for_workers=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
+    return dist.TCPStore(host, listener.getsockname()[1], world_size, True, timeout=timeout,
+                         wait_for_workers=False, master_listen_fd=listener.detach())
 
 
 def resolve_backend(backend: str, device: torch.device, same_host: bool, world_size: int = 2,

@@ -105,12 +105,19 @@ class RankWorker:
         }
 
     def open_store(self, host: str) -> int:
-        """Rank 0: the rendezvous store, on a port the OS picks."""
+        """Rank 0: the rendezvous store, listening on `host` only, on a port the OS picks."""
         self._store = open_store(host, 0, self.spec.world_size, True, self.spec.collective_timeout_s)
         return self._store.port
 
     def init_group(self, host: str, port: int, backend: str) -> None:
+        import ipaddress
+
         s = self.spec
+        if ipaddress.ip_address(host).is_loopback:
+            # The controller puts the store on loopback exactly when every rank is on this node;
+            # then gloo listens on loopback too, not on the address the host name resolves to.
+            # Read by torch when the gloo group is created, in this rank's own process.
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
         store = self._store or open_store(host, port, s.world_size, False, s.collective_timeout_s)
         self.group = TPGroup.connect(store, s.rank, s.world_size, self.device, backend=backend,
                                      timeout_s=s.collective_timeout_s, tag=f"replica{s.replica_id}")
