@@ -7,6 +7,11 @@
     tpserve plan MODEL --tp N          how each weight matrix is split over N ranks, and what moves
     tpserve convert [MODEL]            turn the default model's GGUF into a checkpoint directory (once)
 
+`generate` and `health` reach a server with TLS and bearer tokens through --tls-ca (or --tls for
+the system's roots), --tls-cert/--tls-key (mutual TLS) and --token-file; without --token-file the
+token comes from $TPSERVE_TOKEN when set. A token is never an argument: argv is visible to every
+user of the machine.
+
 Errors a user can fix (a bad config, a missing model, a rejected request) print one line and exit
 2; a bad config prints exactly the config error's one line. A server that cannot be reached or
 fails a call exits 1. No traceback in either case.
@@ -16,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from cluster.model_store import DEFAULT_MODEL
+
+TOKEN_ENV = "TPSERVE_TOKEN"  # the token for generate and health when --token-file is not given
 
 
 class UsageError(Exception):
@@ -56,8 +64,6 @@ def _serve(args) -> None:
 
 
 def _generate(args) -> None:
-    from cluster.client import Client
-
     if args.chat:
         turns = [("system", args.system)] if args.system else []
         inputs = {"messages": turns + [("user", args.prompt)]}
@@ -66,7 +72,7 @@ def _generate(args) -> None:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, seed=args.seed, stop=args.stop or None,
                     ignore_eos=args.ignore_eos or None)
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         if args.json:
             print(json.dumps(client.generate(**inputs, **sampling).to_dict(), ensure_ascii=False))
             return
@@ -77,14 +83,25 @@ def _generate(args) -> None:
 
 
 def _health(args) -> int:
-    from cluster.client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         status = client.health()
         print(status)
         for r in client.model_info().replicas:
             print(_replica_line(r))
     return 0 if status == "SERVING" else 1
+
+
+def _client(args):
+    from cluster.client import Client, TLSOptions, read_token_file
+
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TLSOptions(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+    if args.token_file:
+        token = read_token_file(args.token_file)
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip() or None
+    return Client(args.address, timeout=args.timeout, tls=tls, token=token)
 
 
 def _replica_line(r) -> str:
@@ -141,6 +158,13 @@ def parser() -> argparse.ArgumentParser:
 def _address_flags(p: argparse.ArgumentParser, timeout: float | None) -> None:
     p.add_argument("--address", default="127.0.0.1:50051", help="server host:port (default %(default)s)")
     p.add_argument("--timeout", type=float, default=timeout, help="deadline in seconds")
+    p.add_argument("--tls", action="store_true", help="connect over TLS, verifying the server "
+                   "against the system's CA certificates (implied by the --tls-* options)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) that signed the server's")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+    p.add_argument("--token-file", metavar="FILE", help=f"file holding the bearer token "
+                   f"(default: ${TOKEN_ENV} when set)")
 
 
 def main(argv: list[str] | None = None) -> int:

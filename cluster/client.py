@@ -18,18 +18,26 @@ rendered by the server with the model's chat template) or ``token_ids``. Samplin
 the fields of tpserve.v1.SamplingParams (max_tokens, temperature, top_p, top_k, min_p, seed, stop,
 stop_token_ids, ignore_eos, logprobs, ...); None leaves a field at the server's default. Every
 failed call raises `TPServeError` with `.code` (a grpc.StatusCode) and `.message`.
+
+A server with TLS and bearer tokens (see README, "Security"):
+
+    tls = TLSOptions(ca_file="ca.pem")                      # + cert_file, key_file for mutual TLS
+    with Client("server:50051", tls=tls, token=read_token_file("token")) as client: ...
+    channel = open_channel("server:50051", tls=tls, token=token)        # for stubs of your own
+    channel = open_channel("server:50051", tls=tls, token=token, aio=True)
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.api import tpserve_pb2 as pb
 from cluster.api import tpserve_pb2_grpc as pb_grpc
+from cluster.auth import TOKEN_RULE, is_valid_token, parse_tokens
 
 SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
@@ -77,6 +85,71 @@ class Completion:
         d["usage"] = {"prompt_tokens": d.pop("prompt_tokens"),
                       "completion_tokens": d.pop("completion_tokens")}
         return d
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """TLS for a client; the files are PEM. `ca_file` verifies the server (None: the system's
+    roots); `cert_file` and `key_file` are this client's certificate for mutual TLS;
+    `server_name`, the name the server's certificate must carry when it is not the address's
+    host (tests; a server reached by IP)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs both a certificate file and a key file")
+        return grpc.ssl_channel_credentials(root_certificates=_read_file(self.ca_file, "TLS CA"),
+                                            private_key=_read_file(self.key_file, "TLS key"),
+                                            certificate_chain=_read_file(self.cert_file, "TLS certificate"))
+
+
+def open_channel(address: str, *, tls: TLSOptions | None = None, token: str | None = None,
+                 aio: bool = False,
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel | grpc.aio.Channel:
+    """A grpc.Channel (a grpc.aio.Channel with `aio`) to a tpserve server: plaintext, or TLS
+    with `tls`; with `token`, every call carries ``authorization: Bearer <token>``.
+
+    gRPC sends a token only over TLS or a local connection: without `tls` it goes over loopback
+    only (a channel to another host fails with UNAVAILABLE rather than send it in clear text)."""
+    options = list(options)
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    kind = grpc.aio if aio else grpc
+    if tls is None and token is None:
+        return kind.insecure_channel(address, options=options)
+    if tls is not None:
+        credentials = tls.credentials()
+    else:
+        credentials = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    if token is not None:
+        credentials = grpc.composite_channel_credentials(credentials,
+                                                         grpc.access_token_call_credentials(token))
+    return kind.secure_channel(address, credentials, options=options)
+
+
+def read_token_file(path: str) -> str:
+    """The one token in a file (blank lines and # comments ignored, as in a server's file)."""
+    tokens = parse_tokens(_read_file(path, "token").decode("utf-8", "replace"))
+    if len(tokens) != 1:
+        raise ValueError(f"the token file {path} must hold exactly one token, found {len(tokens)}")
+    (line, token), = tokens
+    if not is_valid_token(token):  # the message names the line, never shows the token
+        raise ValueError(f"the token file {path}, line {line}: a token must be {TOKEN_RULE}")
+    return token
+
+
+def _read_file(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"cannot read the {what} file {path}: {err.strerror or err}") from None
 
 
 def build_request(prompt: str | None = None, *, messages=None, token_ids=None, request_id: str = "",
@@ -208,10 +281,11 @@ class Stream:
 
 
 class Client:
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None):
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None,
+                 tls: TLSOptions | None = None, token: str | None = None):
         self.address = address
         self.timeout = timeout  # default deadline of every call, in seconds; None = none
-        self._channel = grpc.insecure_channel(address)
+        self._channel = open_channel(address, tls=tls, token=token)
         self._stub = pb_grpc.TPServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -295,10 +369,11 @@ class AsyncStream:
 
 
 class AsyncClient:
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None):
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = None,
+                 tls: TLSOptions | None = None, token: str | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = open_channel(address, tls=tls, token=token, aio=True)
         self._stub = pb_grpc.TPServeStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

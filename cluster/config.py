@@ -30,6 +30,10 @@ Rules that involve more than one field (documented here, enforced in `_check_cro
 * ``parallel.placement: strict_spread`` with more than one rank needs a multi-node cluster,
   so it cannot be used with an embedded Ray.
 * ``server.metrics_port`` must differ from ``server.port`` (unless either is 0 = pick a free one).
+* ``server.tls_cert_file`` and ``server.tls_key_file``: both or neither; ``server.tls_client_ca_file``
+  only with them. Bearer tokens (``server.auth_token_file`` / ``server.auth_token_env``) without TLS
+  only on a loopback ``server.host``. ``server.max_connection_age_grace_s`` only with
+  ``server.max_connection_age_s``.
 
 `check_against_model` adds the rules that need the checkpoint's config: the tensor-parallel size
 must be able to split the model's heads, and ``engine.max_model_len`` must not exceed its
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -169,6 +174,16 @@ def _ray_address(value: Any) -> str:
     return value
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise _Invalid("must be the name of an environment variable (letters, digits, _), "
+                       "not the token itself")
+    return value
+
+
 _positive_int = _integer(1)
 _count = _integer(0, what="a non-negative integer")
 _port = _integer(0, 65535, what="a port number from 0 to 65535 (0 = pick a free port)")
@@ -247,6 +262,27 @@ class ServerSettings:
     max_stop_string_length: int = _field(_positive_int, 64)  # characters per stop string
     request_timeout_s: float | None = _field(_optional(_positive_number), None)
     rebuild_failed_replicas: bool = _field(_flag, True)  # restart a replica whose rank died
+    # TLS (cluster/auth.py reads and checks the files when the server is built, before the
+    # cluster starts): the certificate chain and its key, both or neither; with a client CA,
+    # clients must present a certificate it signed (mutual TLS).
+    tls_cert_file: str | None = _field(_optional(_text), None)
+    tls_key_file: str | None = _field(_optional(_text), None)
+    tls_client_ca_file: str | None = _field(_optional(_text), None)
+    # Bearer tokens: from a file (one a line) and/or an environment variable named here. With
+    # either, every call needs `authorization: Bearer <token>`, except the services opened below.
+    auth_token_file: str | None = _field(_optional(_text), None)
+    auth_token_env: str | None = _field(_optional(_env_name), None)
+    health_without_token: bool = _field(_flag, True)  # load balancers probe without a token
+    reflection_without_token: bool = _field(_flag, False)
+    # HTTP/2 connections (gRPC server options)
+    max_concurrent_streams: int = _field(_positive_int, 256)  # calls at once per connection
+    keepalive_time_s: float = _field(_positive_number, 60)  # ping a connection quiet this long
+    keepalive_timeout_s: float = _field(_positive_number, 20)  # and close it if no answer by then
+    max_connection_idle_s: float | None = _field(_optional(_positive_number), 300)  # no calls
+    max_connection_age_s: float | None = _field(_optional(_positive_number), None)  # None = no limit
+    max_connection_age_grace_s: float | None = _field(_optional(_positive_number), None)
+    client_keepalive_min_time_s: float = _field(_positive_number, 30)  # faster pings: GOAWAY
+    client_keepalive_without_calls: bool = _field(_flag, True)  # clients may ping idle connections
 
 
 @dataclass(frozen=True)
@@ -457,6 +493,36 @@ def _check_server(s: ServerSettings) -> None:
     if s.metrics_port and s.metrics_port == s.port:
         raise ConfigError("server.metrics_port", f"must differ from server.port ({s.port})",
                           s.metrics_port)
+    _check_tls(s)
+    if s.max_connection_age_grace_s is not None and s.max_connection_age_s is None:
+        raise ConfigError("server.max_connection_age_grace_s", "only applies with "
+                          "server.max_connection_age_s", s.max_connection_age_grace_s)
+
+
+def _check_tls(s: ServerSettings) -> None:
+    if (s.tls_cert_file is None) != (s.tls_key_file is None):
+        given, missing = (("tls_cert_file", "tls_key_file") if s.tls_key_file is None
+                          else ("tls_key_file", "tls_cert_file"))
+        raise ConfigError(f"server.{given}", f"needs server.{missing} too (give both or neither)",
+                          getattr(s, given))
+    if s.tls_client_ca_file is not None and s.tls_cert_file is None:
+        raise ConfigError("server.tls_client_ca_file", "needs server.tls_cert_file and "
+                          "server.tls_key_file (mutual TLS is TLS first)", s.tls_client_ca_file)
+    tokens = s.auth_token_file is not None or s.auth_token_env is not None
+    if tokens and s.tls_cert_file is None and not _is_loopback(s.host):
+        name = "auth_token_file" if s.auth_token_file is not None else "auth_token_env"
+        raise ConfigError(f"server.{name}", f"tokens would cross the network in clear text "
+                          f"(server.host is {s.host!r}): set server.tls_cert_file and "
+                          f"server.tls_key_file, or serve on a loopback host", getattr(s, name))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
 
 
 # --- against the model, and the last "auto"s ---

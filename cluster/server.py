@@ -13,6 +13,10 @@ One gRPC port serves `tpserve.v1.TPServe`, the standard `grpc.health.v1.Health` 
 and "tpserve.v1.TPServe" exactly while every replica can generate) and server reflection, so
 generic tools (grpcurl, grpc_cli) can call the API without our stubs. Prometheus metrics are
 served on ``server.metrics_port`` when it is set.
+
+TLS (mutual with a client CA) and bearer tokens come from the config through `ServerSecurity`
+(cluster/auth.py), read when the `Server` is built, before the cluster starts. The HTTP/2 limits
+(streams per connection, keepalive, idle and age of connections) are `connection_options`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.config import DeploymentConfig
+from cluster.auth import ServerSecurity
+from cluster.config import DeploymentConfig, ServerSettings
 from cluster.controller import Controller
 from cluster.frontend import SERVICE, TPServeServicer, add_to_server, describe_model
 from cluster.metrics import Metrics
@@ -44,6 +49,7 @@ class ServeError(RuntimeError):
 
 class Server:
     def __init__(self, cfg: DeploymentConfig, controller: Controller | None = None):
+        self.security = ServerSecurity.load(cfg.server, cfg.source)  # a bad file fails in seconds
         self.controller = controller or Controller(cfg)  # resolves and checks cfg against the model
         self.cfg = self.controller.cfg
         self.metrics = Metrics()
@@ -51,6 +57,7 @@ class Server:
         self.metrics_port: int | None = None
         self.router: Router | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._servicer: TPServeServicer | None = None
         self._health: health.aio.HealthServicer | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -68,14 +75,12 @@ class Server:
         self.router = Router(self.controller, AdmissionPolicy.from_config(self.cfg), self.metrics,
                              on_health=self._health_changed, rebuild=s.rebuild_failed_replicas)
         self.router.start(asyncio.get_running_loop())
-        servicer = TPServeServicer(self.router, validator, describe_model(self.controller, validator),
-                                   request_timeout_s=s.request_timeout_s, metrics=self.metrics)
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port is an error
-        add_to_server(servicer, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self._grpc)
-        self.address = self._bind(s.host, s.port)
+        self._servicer = TPServeServicer(self.router, validator, describe_model(self.controller, validator),
+                                         request_timeout_s=s.request_timeout_s, metrics=self.metrics)
+        self._grpc = grpc_server(s, self.security)
+        add_to_server(self._servicer, self._grpc)
+        add_health_and_reflection(self._grpc, self._health)
+        self.address = listen(self._grpc, s.host, s.port, self.security.credentials)
         await self._grpc.start()
         await self._set_health(self.router.serving)
         if s.metrics_port is not None:
@@ -94,22 +99,14 @@ class Server:
             await self.router.close(grace_s)
         if self._grpc is not None:
             await self._grpc.stop(FINAL_MESSAGE_GRACE_S)
+        if self._servicer is not None:
+            self._servicer.close()
         self.metrics.close()
 
     def shutdown_cluster(self) -> None:
         self.controller.shutdown()
 
     # -- helpers ------------------------------------------------------------------------------
-    def _bind(self, host: str, port: int) -> str:
-        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        try:
-            bound = self._grpc.add_insecure_port(f"{shown}:{port}")
-        except RuntimeError as err:
-            raise ServeError(f"cannot listen on {shown}:{port}: {err}") from None
-        if bound == 0:
-            raise ServeError(f"cannot listen on {shown}:{port}")
-        return f"{shown}:{bound}"
-
     def _health_changed(self, serving: bool) -> None:
         """Called on the loop by the router; the task is kept until done (the loop holds only a
         weak reference to it)."""
@@ -121,6 +118,56 @@ class Server:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in HEALTH_SERVICES:
             await self._health.set(service, status)
+
+
+def grpc_server(s: ServerSettings, security: ServerSecurity) -> grpc.aio.Server:
+    """A gRPC server with no services yet: the connection limits of `s`, the token check of
+    `security`."""
+    return grpc.aio.server(options=connection_options(s), interceptors=security.interceptors)
+
+
+def connection_options(s: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for the HTTP/2 limits of the config's server section."""
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = [
+        ("grpc.so_reuseport", 0),  # a port another process holds is an error, not shared
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", ms(s.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout_s)),
+        # client pings more often than this (without data between) earn strikes, then GOAWAY
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(s.client_keepalive_min_time_s)),
+        ("grpc.keepalive_permit_without_calls", int(s.client_keepalive_without_calls)),
+    ]
+    for name, seconds in (("grpc.max_connection_idle_ms", s.max_connection_idle_s),
+                          ("grpc.max_connection_age_ms", s.max_connection_age_s),
+                          ("grpc.max_connection_age_grace_ms", s.max_connection_age_grace_s)):
+        if seconds is not None:  # None: gRPC's default, no limit
+            options.append((name, ms(seconds)))
+    return options
+
+
+def add_health_and_reflection(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+
+def listen(server: grpc.aio.Server, host: str, port: int,
+           credentials: grpc.ServerCredentials | None) -> str:
+    """Bind `host:port` (0 = a free port), over TLS when `credentials` are given; the address."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    address = f"{shown}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as err:
+        raise ServeError(f"cannot listen on {address}: {err}") from None
+    if bound == 0:
+        raise ServeError(f"cannot listen on {address}")
+    return f"{shown}:{bound}"
 
 
 class LoadProgress:
@@ -183,7 +230,8 @@ async def _serve_until_signal(server: Server, grace_s: float) -> None:
         c = server.cfg
         metrics = f"; metrics on http://{c.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
         print(f"tpserve: serving {c.model.name} on {server.address} ({c.parallel.replicas} × TP "
-              f"{c.parallel.tensor_parallel_size}, {c.device.type}){metrics}", file=sys.stderr, flush=True)
+              f"{c.parallel.tensor_parallel_size}, {c.device.type}; {server.security.description})"
+              f"{metrics}", file=sys.stderr, flush=True)
         await stop.wait()
         print(f"tpserve: stopping (up to {grace_s:g} s for requests in flight)", file=sys.stderr, flush=True)
     finally:

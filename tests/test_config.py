@@ -74,6 +74,29 @@ def test_defaults_apply_to_a_minimal_config():
     assert cfg.server.metrics_port is None and cfg.server.max_queued_requests == 256
 
 
+def test_security_and_connection_defaults():
+    s = parse_config({"model": {"path": "m"}}).server
+    assert (s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file) == (None, None, None)
+    assert (s.auth_token_file, s.auth_token_env) == (None, None)
+    assert (s.health_without_token, s.reflection_without_token) == (True, False)
+    assert (s.max_concurrent_streams, s.keepalive_time_s, s.keepalive_timeout_s) == (256, 60, 20)
+    ages = (s.max_connection_idle_s, s.max_connection_age_s, s.max_connection_age_grace_s)
+    assert ages == (300, None, None)
+    assert (s.client_keepalive_min_time_s, s.client_keepalive_without_calls) == (30, True)
+    shipped = load_config(CONFIGS / "default.yaml").server  # shows every server default but one
+    assert shipped == dataclasses.replace(s, metrics_port=9400)
+
+
+def test_tokens_without_tls_on_a_loopback_host_and_tls_with_mutual_auth():
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        parse_config({"model": {"path": "m"}, "server": {"host": host, "auth_token_env": "TOKEN"}})
+    s = parse_config({"model": {"path": "m"}, "server": {
+        "host": "0.0.0.0", "tls_cert_file": "s.pem", "tls_key_file": "s.key",
+        "tls_client_ca_file": "ca.pem", "auth_token_file": "tokens", "max_connection_age_s": 3600,
+        "max_connection_age_grace_s": 60}}).server
+    assert (s.tls_client_ca_file, s.max_connection_age_grace_s) == ("ca.pem", 60)
+
+
 def test_empty_sections_take_defaults():
     cfg = parse_yaml("model:\n  path: m\nray:\nserver:\n")
     assert cfg.ray.namespace == "tpserve" and cfg.server.port == 50051
@@ -210,6 +233,41 @@ BROKEN = {
                                   "got 'strict_spread'"),
     "metrics on the gRPC port": ("model: {path: m}\nserver: {port: 9000, metrics_port: 9000}\n",
                                  "server.metrics_port", "got 9000"),
+    # security and connection limits (the files themselves are read at server start:
+    # tests/test_security.py)
+    "cert without key": ("model: {path: m}\nserver:\n  tls_cert_file: s.pem\n", "server.tls_cert_file",
+                         "needs server.tls_key_file too (give both or neither), got 's.pem'"),
+    "key without cert": ("model: {path: m}\nserver:\n  tls_key_file: s.key\n", "server.tls_key_file",
+                         "needs server.tls_cert_file too"),
+    "client CA without TLS": ("model: {path: m}\nserver:\n  tls_client_ca_file: ca.pem\n",
+                              "server.tls_client_ca_file", "needs server.tls_cert_file"),
+    "empty cert path": ("model: {path: m}\nserver:\n  tls_cert_file: ''\n  tls_key_file: k\n",
+                        "server.tls_cert_file", "must be a non-empty string or null"),
+    "tokens in clear over the network": ("model: {path: m}\nserver:\n  host: 0.0.0.0\n"
+                                         "  auth_token_file: tokens\n", "server.auth_token_file",
+                                         "tokens would cross the network in clear text"),
+    "token env not a name": ("model: {path: m}\nserver:\n  auth_token_env: s3cr3t-t0ken!\n",
+                             "server.auth_token_env", "must be the name of an environment variable"),
+    "health flag not a bool": ("model: {path: m}\nserver:\n  health_without_token: open\n",
+                               "server.health_without_token", "must be true or false, got 'open'"),
+    "reflection flag not a bool": ("model: {path: m}\nserver:\n  reflection_without_token: 1\n",
+                                   "server.reflection_without_token", "got 1"),
+    "zero streams": ("model: {path: m}\nserver:\n  max_concurrent_streams: 0\n",
+                     "server.max_concurrent_streams", "must be a positive integer, got 0"),
+    "keepalive as text": ("model: {path: m}\nserver:\n  keepalive_time_s: 1m\n",
+                          "server.keepalive_time_s", "must be a positive number, got '1m'"),
+    "keepalive timeout zero": ("model: {path: m}\nserver:\n  keepalive_timeout_s: 0\n",
+                               "server.keepalive_timeout_s", "got 0"),
+    "negative idle": ("model: {path: m}\nserver:\n  max_connection_idle_s: -5\n",
+                      "server.max_connection_idle_s", "must be a positive number or null, got -5"),
+    "infinite age": ("model: {path: m}\nserver:\n  max_connection_age_s: .inf\n",
+                     "server.max_connection_age_s", "got inf"),
+    "grace without age": ("model: {path: m}\nserver:\n  max_connection_age_grace_s: 10\n",
+                          "server.max_connection_age_grace_s", "only applies with server.max_connection_age_s"),
+    "client ping interval zero": ("model: {path: m}\nserver:\n  client_keepalive_min_time_s: 0\n",
+                                  "server.client_keepalive_min_time_s", "got 0"),
+    "client pings flag": ("model: {path: m}\nserver:\n  client_keepalive_without_calls: sometimes\n",
+                          "server.client_keepalive_without_calls", "got 'sometimes'"),
 }
 
 
@@ -258,7 +316,13 @@ def test_unknown_key_without_a_close_match_lists_the_known_ones():
     assert str(info.value) == ("<string>: server.zzz: unknown field (known: host, port, "
                                "metrics_port, max_queued_requests, max_concurrent_requests, "
                                "max_stop_strings, max_stop_string_length, request_timeout_s, "
-                               "rebuild_failed_replicas)")
+                               "rebuild_failed_replicas, tls_cert_file, tls_key_file, "
+                               "tls_client_ca_file, auth_token_file, auth_token_env, "
+                               "health_without_token, reflection_without_token, "
+                               "max_concurrent_streams, keepalive_time_s, keepalive_timeout_s, "
+                               "max_connection_idle_s, max_connection_age_s, "
+                               "max_connection_age_grace_s, client_keepalive_min_time_s, "
+                               "client_keepalive_without_calls)")
 
 
 def test_missing_file_is_one_line(tmp_path):

@@ -208,7 +208,7 @@ BAD = [  # (id, request, text the error must contain: the field, then the limit)
     ("top_p NaN", req(sampling=dict(top_p=math.nan)), ["sampling.top_p", "(0, 1]"]),
     ("top_k above vocab", req(sampling=dict(top_k=50_000)), ["sampling.top_k", "vocab_size 49152"]),
     ("min_p above 1", req(sampling=dict(min_p=1.5)), ["sampling.min_p", "[0, 1]"]),
-    ("repetition_penalty 0", req(sampling=dict(repetition_penalty=0.0)), ["sampling.repetition_penalty", "(0, 2]"]),
+    ("repetition_penalty 0", req(sampling=dict(repetition_penalty=0.0)), ["sampling.repetition_penalty", "[0.01, 2]"]),
     ("presence_penalty inf", req(sampling=dict(presence_penalty=math.inf)), ["sampling.presence_penalty", "[-2, 2]"]),
     ("frequency_penalty -3", req(sampling=dict(frequency_penalty=-3.0)), ["sampling.frequency_penalty", "[-2, 2]"]),
     ("too many stop strings", req(sampling=dict(stop=[f"s{i}" for i in range(9)])), ["sampling.stop", "max_stop_strings = 8"]),
