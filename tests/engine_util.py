@@ -29,7 +29,7 @@ class Done:
 
 
 def make_engine(path, *, num_blocks=512, block_size=16, max_batch_size=64,
-                max_tokens_per_step=512, max_model_len=2048) -> Engine:
+                max_tokens_per_step=512, max_model_len=2048, prefix_caching=True) -> Engine:
     torch.set_num_threads(2)
     cfg = ModelConfig.from_dir(path)
     plan = ShardingPlan.build(cfg, 1)
@@ -39,7 +39,7 @@ def make_engine(path, *, num_blocks=512, block_size=16, max_batch_size=64,
     return Engine(runner, tokenizer=load_tokenizer(path), eos_token_ids=cfg.eos_token_ids,
                   vocab_size=cfg.vocab_size, max_batch_size=max_batch_size,
                   max_tokens_per_step=max_tokens_per_step, max_model_len=max_model_len,
-                  num_blocks=num_blocks)
+                  num_blocks=num_blocks, prefix_caching=prefix_caching)
 
 
 def run(engine: Engine, requests: list[Request], on_step=None) -> dict[str, Done]:

@@ -97,13 +97,13 @@ class StepTimings:
 class Engine:
     def __init__(self, runner: ModelRunner, *, tokenizer, eos_token_ids: tuple[int, ...],
                  vocab_size: int, max_batch_size: int, max_tokens_per_step: int,
-                 max_model_len: int, num_blocks: int):
+                 max_model_len: int, num_blocks: int, prefix_caching: bool = True):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self.blocks = BlockManager(num_blocks, runner.block_size)
+        self.blocks = BlockManager(num_blocks, runner.block_size, prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_tokens_per_step)
         self.sampler = Sampler()
         self.timings = StepTimings()
@@ -148,6 +148,7 @@ class Engine:
         sampling = [seq for seq, n in scheduled.items if seq.num_computed + n == seq.num_tokens]
         for seq, n in scheduled.items:
             seq.num_computed += n
+            self.blocks.commit(seq.seq_id, seq.token_ids, seq.num_computed)  # full blocks join the cache
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
         result = self._sample(logits, sampling) if sampling else None
@@ -175,6 +176,9 @@ class Engine:
             "kv_blocks_used": self.blocks.num_used,
             "kv_blocks_total": self.blocks.num_blocks,
             "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": self.scheduler.prefix_hit_tokens,
+            "prefix_cache_query_tokens": self.scheduler.prefix_query_tokens,
+            "prefix_cache_blocks": self.blocks.num_cached,
             "timings": self.timings.as_dict(),
         }
 

@@ -15,6 +15,9 @@ numbers in each step's plan.
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
+
 import torch
 
 
@@ -75,12 +78,36 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockManager:
-    """Free list of block ids and each sequence's block table. Block ids are the same on every rank."""
+    """Block ids, each sequence's block table, and the prefix cache. Block ids are the same on
+    every rank; this runs on rank 0 only.
 
-    def __init__(self, num_blocks: int, block_size: int):
+    Blocks are reference-counted. A full block whose tokens, and every token before them, have
+    been computed is *registered* (`commit`) under an exact key: the content id of the block
+    before it (-1 for a sequence's first block) and its own tokens. A new sequence whose tokens
+    start with registered blocks shares them (`share_prefix`) instead of computing them again.
+    Keys chain through content ids, never hashes, so two different prefixes can never collide.
+
+    A block whose last user ends returns to the free list with its content and key intact, and
+    is taken back by the next sequence that needs that prefix; the free list hands out the least
+    recently freed block first, and only then is its content forgotten (evicted). A sequence's
+    blocks are freed last-first, so a prefix outlives the tails that hang off it.
+
+    Invariants: a block is in the free list iff its reference count is 0; a block with a key is
+    full and its K/V are final, so no sequence ever writes into it (`share_prefix` leaves at
+    least the last token of a sequence to compute, in a block of its own); `cached[key_of[b]] is b`.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.prefix_caching = prefix_caching
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # first: next out
+        self._refs = [0] * num_blocks
         self.tables: dict[int, list[int]] = {}
+        self._cached: dict[tuple, int] = {}  # key -> block
+        self._key_of: dict[int, tuple] = {}  # block -> its key
+        self._content_id: dict[int, int] = {}  # registered block -> id its successors' keys name
+        self._content_ids = itertools.count()
+        self._chain: dict[int, tuple[int, int]] = {}  # seq -> (blocks registered, last content id)
 
     @property
     def num_free(self) -> int:
@@ -89,6 +116,11 @@ class BlockManager:
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Registered blocks, in use or free (free ones until they are handed out again)."""
+        return len(self._cached)
 
     def blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         """Blocks to add so that `seq_id` can hold `num_tokens` tokens in total."""
@@ -104,11 +136,66 @@ class BlockManager:
         if need > len(self._free):
             raise OutOfBlocks(f"sequence {seq_id} needs {need} blocks, {len(self._free)} free")
         table = self.tables.setdefault(seq_id, [])
-        table.extend(self._free.pop() for _ in range(need))
+        for _ in range(need):
+            block, _ = self._free.popitem(last=False)
+            self._forget(block)  # its old content, if any, is evicted now
+            self._refs[block] = 1
+            table.append(block)
         return table
 
     def free(self, seq_id: int) -> int:
-        """Returns `seq_id`'s blocks to the free list; the number freed."""
+        """Drops `seq_id`'s references; blocks nobody else uses return to the free list (keeping
+        their content until handed out again). Returns the number of blocks in its table."""
         table = self.tables.pop(seq_id, [])
-        self._free.extend(reversed(table))
+        self._chain.pop(seq_id, None)
+        for block in reversed(table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
         return len(table)
+
+    # -- the prefix cache -----------------------------------------------------------------------
+    def share_prefix(self, seq_id: int, token_ids: list[int]) -> int:
+        """For a sequence with no blocks yet: shares the registered blocks its tokens start with,
+        leaving at least its last token to compute. Returns the number of tokens they hold."""
+        if not self.prefix_caching or seq_id in self.tables:
+            return 0
+        bs, parent, shared = self.block_size, -1, []
+        for i in range((len(token_ids) - 1) // bs):
+            block = self._cached.get((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
+            if block is None:
+                break
+            shared.append(block)
+            parent = self._content_id[block]
+        if not shared:
+            return 0
+        for block in shared:
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+        self.tables[seq_id] = shared
+        self._chain[seq_id] = (len(shared), parent)
+        return len(shared) * bs
+
+    def commit(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """Registers `seq_id`'s blocks that `num_computed` computed tokens have filled."""
+        if not self.prefix_caching:
+            return
+        bs, table = self.block_size, self.tables[seq_id]
+        done, parent = self._chain.get(seq_id, (0, -1))
+        for i in range(done, num_computed // bs):
+            key = (parent, tuple(token_ids[i * bs:(i + 1) * bs]))
+            holder = self._cached.get(key)
+            if holder is None:  # new content: this block becomes its holder
+                holder = table[i]
+                self._cached[key], self._key_of[holder] = holder, key
+                self._content_id[holder] = next(self._content_ids)
+            parent = self._content_id[holder]  # a duplicate chains on through the holder
+            done = i + 1
+        self._chain[seq_id] = (done, parent)
+
+    def _forget(self, block: int) -> None:
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._cached[key]
+            del self._content_id[block]

@@ -7,6 +7,10 @@ budget, batch slots and KV blocks last. When a running sequence needs a block an
 the youngest running sequence is preempted: its blocks are freed and it goes back to the front of
 the queue, to be recomputed from its prompt and the tokens it already produced. Nothing it
 generated is lost, and its sampling state (including a seeded generator's position) is kept.
+
+Prefix caching: a sequence joining the batch first takes the cached blocks its tokens start with
+(`BlockManager.share_prefix`); only the rest is prefilled. A preempted sequence usually finds its
+own blocks still cached when it comes back, so "recompute" is often a lookup.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_hit_tokens = 0  # tokens of admitted sequences found in the prefix cache
+        self.prefix_query_tokens = 0  # tokens of admitted sequences, looked up
 
     @property
     def has_work(self) -> bool:
@@ -130,9 +136,15 @@ class Scheduler:
     def _schedule_waiting(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            cached = self.blocks.share_prefix(seq.seq_id, seq.token_ids)  # a waiting sequence has no blocks
+            seq.num_computed = cached
             n = min(seq.remaining, budget)
             if not self.blocks.can_allocate(seq.seq_id, seq.num_computed + n):
+                self.blocks.free(seq.seq_id)  # it waits on: hold no shared blocks meanwhile
+                seq.num_computed = 0
                 break
+            self.prefix_hit_tokens += cached
+            self.prefix_query_tokens += seq.num_tokens
             self.waiting.popleft()
             self.blocks.allocate(seq.seq_id, seq.num_computed + n)
             seq.status = Status.RUNNING
