@@ -242,6 +242,8 @@ class EngineSettings:
     # of one rank; at TP > 1 with NCCL, "on" captures the collectives too (not yet verified on
     # a machine with several GPUs). Resolved to "on" or "off".
     cuda_graphs: str = _field(_one_of("auto", "on", "off"), "auto")
+    # Full KV blocks are shared between requests whose tokens start alike (worker/kv_cache.py).
+    prefix_caching: bool = _field(_flag, True)
 
     @property
     def kv_cache_blocks(self) -> int | None:

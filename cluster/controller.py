@@ -214,6 +214,7 @@ class Controller:
             max_tokens_per_step=e.max_tokens_per_step, max_model_len=e.max_model_len,
             collective_timeout_s=e.collective_timeout_s,
             cuda_graphs_up_to=e.max_batch_size if e.cuda_graphs == "on" else 0,
+            prefix_caching=e.prefix_caching,
         )
         options = dict(
             num_cpus=d.cpus_per_rank,

@@ -13,6 +13,7 @@ as outputs arrive.
     tpserve_requests_running{replica}            sequences in the replica's running batch
     tpserve_requests_waiting{replica}            sequences queued in the replica's engine
     tpserve_kv_cache_usage_ratio{replica}        KV blocks used / KV blocks in the pool
+    tpserve_prefix_cache_hit_ratio{replica}      prompt tokens found in the prefix cache / looked up
     tpserve_replica_healthy{replica}             1 while the replica takes requests
     tpserve_replica_failures_total{replica}      times the replica was taken out of routing
     tpserve_replica_restarts_total{replica}      times the replica was rebuilt and took requests again
@@ -45,6 +46,9 @@ class Metrics:
                              ["replica"], registry=r)
         self.kv_usage = Gauge("tpserve_kv_cache_usage_ratio", "KV-cache blocks in use, 0 to 1",
                               ["replica"], registry=r)
+        self.prefix_hits = Gauge("tpserve_prefix_cache_hit_ratio",
+                                 "Tokens of admitted sequences found in the prefix cache, 0 to 1",
+                                 ["replica"], registry=r)
         self.healthy = Gauge("tpserve_replica_healthy", "1 while the replica takes requests",
                              ["replica"], registry=r)
         self.failures = Counter("tpserve_replica_failures", "Times a replica was taken out of routing",
@@ -74,6 +78,8 @@ class Metrics:
         self.waiting.labels(label).set(stats.get("waiting", 0))
         total = stats.get("kv_blocks_total") or 0
         self.kv_usage.labels(label).set(stats.get("kv_blocks_used", 0) / total if total else 0.0)
+        queried = stats.get("prefix_cache_query_tokens") or 0
+        self.prefix_hits.labels(label).set(stats.get("prefix_cache_hit_tokens", 0) / queried if queried else 0.0)
 
     def replica_health(self, replica_id: int, healthy: bool) -> None:
         self.healthy.labels(str(replica_id)).set(1 if healthy else 0)

@@ -70,7 +70,7 @@ def test_defaults_apply_to_a_minimal_config():
     e = cfg.engine
     assert (e.max_batch_size, e.max_tokens_per_step, e.block_size) == (64, 512, 16)
     assert e.max_model_len is None and e.kv_cache_tokens is None and e.kv_cache_blocks is None
-    assert e.collective_timeout_s == 30.0
+    assert e.collective_timeout_s == 30.0 and e.prefix_caching is True
     assert cfg.server.metrics_port is None and cfg.server.max_queued_requests == 256
 
 

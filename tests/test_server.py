@@ -327,6 +327,7 @@ def test_prometheus_metrics(srv, client):
         assert m[f'tpserve_{name}_count{{replica="0"}}'] > 0, name
     assert 'tpserve_requests_running{replica="0"}' in m and 'tpserve_requests_waiting{replica="0"}' in m
     assert m['tpserve_requests_finished_total{reason="length",replica="0"}'] > 0
+    assert 0 <= m['tpserve_prefix_cache_hit_ratio{replica="0"}'] <= 1
 
 
 def test_cli_generate_and_health(srv, capsys):

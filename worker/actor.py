@@ -65,6 +65,7 @@ class WorkerSpec:
     max_model_len: int
     collective_timeout_s: float
     cuda_graphs_up_to: int = 0  # decode steps of up to this many sequences replay CUDA graphs
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -157,7 +158,7 @@ class RankWorker:
                 self.runner, tokenizer=load_tokenizer(path), eos_token_ids=cfg.eos_token_ids,
                 vocab_size=cfg.vocab_size, max_batch_size=s.max_batch_size,
                 max_tokens_per_step=s.max_tokens_per_step, max_model_len=s.max_model_len,
-                num_blocks=s.num_blocks,
+                num_blocks=s.num_blocks, prefix_caching=s.prefix_caching,
             )
         return {"parameter_bytes": report.parameter_bytes, "seconds": report.seconds}
 
