@@ -7,6 +7,9 @@ step calls these a few hundred times, so hooks and autograd bookkeeping are pure
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -14,15 +17,50 @@ from sharding.group import TPGroup
 from worker import native  # the decode-sized kernels (a module of plain functions, no cycle)
 
 
+GEMM_CHOICES = ("auto", "blas", "onednn")
+_faster: dict[tuple, bool] = {}  # (out, in, dtype, threads) -> oneDNN beat BLAS, timed once per process
+
+
 def _onednn_usable(w: torch.Tensor) -> bool:
-    """oneDNN's fp32 matmul on the plain weight, where this torch build has it."""
-    if not torch.backends.mkldnn.is_available():
+    """oneDNN's matmul on the plain weight, where this torch build has it."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:
-        torch.ops.mkldnn._linear_pointwise(w.new_zeros(1, w.shape[1]), w, None, "none", [], "")
+        _onednn(w.new_zeros(1, w.shape[1]), w, None)
     except (RuntimeError, AttributeError):
         return False
     return True
+
+
+def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _onednn_is_faster(w: torch.Tensor) -> bool:
+    """Whether oneDNN runs a prefill-sized product on `w` faster than BLAS here, timed (best of
+    three, 128 rows) once per weight shape and process. ``TPSERVE_GEMM=blas|onednn`` decides
+    instead. The answer depends on the CPU: on an AMD Zen 5, MKL's sgemm (what `F.linear` calls)
+    ran at 207 GFLOP/s and oneDNN at 474."""
+    choice = os.environ.get("TPSERVE_GEMM", "auto")
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"TPSERVE_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice == "onednn"
+    key = (*w.shape, w.dtype, torch.get_num_threads())
+    if key not in _faster:
+        x = torch.randn(128, w.shape[1], dtype=w.dtype)
+        _faster[key] = _best_of(lambda: _onednn(x, w, None)) < _best_of(lambda: F.linear(x, w))
+    return _faster[key]
+
+
+def _best_of(fn, runs: int = 3) -> float:
+    fn()  # first call: allocations, oneDNN's kernel generation
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 class Linear:
@@ -32,25 +70,29 @@ class Linear:
     rows) are memory-bound: they go to our matrix-vector kernel (`worker.native`), which streams
     the weight once at close to memory bandwidth, or, where it is not built, to oneDNN; MKL's
     BLAS, which `F.linear` uses, re-packs the weight per call and runs those shapes 1.3-2.5x
-    slower. Larger inputs (prefill) use `F.linear`, the same BLAS call transformers makes, so
-    prompt logits match it bit for bit at TP=1. The small-input kernels sum in a different order
-    than BLAS (both are fp32-accurate), which moves decode-step logits of the 30-layer default
-    model by ~1e-4.
+    slower. Larger inputs (prefill, large decode batches) are compute-bound and go to whichever of
+    BLAS and oneDNN is faster on this CPU for this weight's shape (`_onednn_is_faster`, timed once).
+    The kernels sum in different orders (all fp32-accurate), which moves logits by ~1e-5 to 1e-4.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
-        small = weight.numel() > 0 and weight.device.type == "cpu" and weight.dtype == torch.float32
+        cpu = weight.numel() > 0 and weight.device.type == "cpu"
+        small = cpu and weight.dtype == torch.float32
         self.native = small and weight.is_contiguous() and native.available()
-        self.onednn = small and not self.native and _onednn_usable(weight)
+        onednn = cpu and _onednn_usable(weight)
+        self.onednn = small and not self.native and onednn  # for decode-sized inputs
+        self.onednn_large = onednn and _onednn_is_faster(weight)  # for the rest
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= native.DECODE_MAX_ROWS:
             if self.native:
                 return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
             if self.onednn:
-                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+                return _onednn(x, self.weight, self.bias)
+        elif self.onednn_large:
+            return _onednn(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -9,6 +9,7 @@ rows, equal the unpadded step's, and padded rows write nothing but the cache's p
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -90,7 +91,9 @@ def _prefilled(runner: ModelRunner, n: int, seed: int):
     """n sequences of random lengths prefilled into scattered blocks; their next decode step."""
     rng = random.Random(seed)
     bm = BlockManager(runner.cache.num_blocks, BS)
-    bm._free.sort(key=lambda _: rng.random())  # scattered blocks, in no order
+    order = list(bm._free)
+    rng.shuffle(order)
+    bm._free = OrderedDict.fromkeys(order)  # scattered blocks, in no order
     prompts = [[rng.randrange(1, 100) for _ in range(rng.randint(1, 30))] for _ in range(n)]
     runner.run(StepInput.build([(p, 0, bm.allocate(i, len(p))) for i, p in enumerate(prompts)], BS))
     return StepInput.build([([rng.randrange(1, 100)], len(p), bm.allocate(i, len(p) + 1))

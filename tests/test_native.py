@@ -155,8 +155,37 @@ def test_linear_uses_the_kernel_for_decode_sized_inputs_only():
     for rows in (1, native.DECODE_MAX_ROWS, native.DECODE_MAX_ROWS + 1):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("choice", ["blas", "onednn"])
+def test_larger_inputs_take_the_chosen_matrix_product(monkeypatch, choice):
+    """TPSERVE_GEMM overrides the timing (`_onednn_is_faster`); each choice is that kernel, exactly."""
+    from sharding import layers
+
+    monkeypatch.setenv("TPSERVE_GEMM", choice)
+    torch.manual_seed(1)
+    w, b = torch.randn(96, 64), torch.randn(96)
     big = torch.randn(native.DECODE_MAX_ROWS + 1, 64)
-    assert torch.equal(lin(big), torch.nn.functional.linear(big, w, b))  # prefill: BLAS itself
+    lin = layers.Linear(w, b)
+    assert lin.onednn_large == (choice == "onednn")
+    expect = layers._onednn(big, w, b) if choice == "onednn" else torch.nn.functional.linear(big, w, b)
+    assert torch.equal(lin(big), expect)
+    torch.testing.assert_close(lin(big), big.double().matmul(w.double().T).add(b.double()).float(), atol=2e-5, rtol=0)
+
+
+def test_the_faster_product_is_timed_once_per_shape(monkeypatch):
+    from sharding import layers
+
+    monkeypatch.delenv("TPSERVE_GEMM", raising=False)
+    monkeypatch.setattr(layers, "_faster", {})
+    w = torch.randn(80, 48)
+    first = layers._onednn_is_faster(w)
+    assert list(layers._faster.values()) == [first]
+    layers._faster[next(iter(layers._faster))] = not first  # a cached answer is not timed again
+    assert layers._onednn_is_faster(w) is (not first)
+    monkeypatch.setenv("TPSERVE_GEMM", "sometimes")
+    with pytest.raises(ValueError, match="TPSERVE_GEMM must be one of"):
+        layers._onednn_is_faster(w)
 
 
 def test_add_rms_norm_matches_float64():

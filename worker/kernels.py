@@ -6,7 +6,7 @@ A transformer block has three pieces of element-wise work that fused kernels do 
 decode attention, that a kernel can do straight from the paged cache. Three sets of operations:
 
 * `TorchOps`: plain aten operators, any device, dtype and size. The reference formulation, and
-  what prefill steps run on CPU (so their logits stay bit for bit those of transformers).
+  what prefill steps run on CPU for their element-wise work.
 * `NativeOps`: `worker.native`'s C++ kernels, for float32 steps of at most `DECODE_MAX_ROWS`
   tokens on CPU.
 * `TritonOps`: `worker.triton_ops`, for CUDA, every step, any dtype.

@@ -20,7 +20,8 @@ Where it cannot be built (no compiler) or is switched off (``TPSERVE_NATIVE=0``)
 runs instead, with one warning; results agree within float rounding (tests/test_native.py).
 CUDA always uses the torch path.
 
-DECODE_MAX_ROWS is where the small-input operations stop paying: past it, BLAS's blocked GEMM wins.
+DECODE_MAX_ROWS is where the small-input operations stop paying: past it, blocked GEMMs (oneDNN's or
+BLAS's, `sharding.layers.Linear` times which) win.
 """
 
 from __future__ import annotations
