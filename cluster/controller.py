@@ -16,6 +16,7 @@ actors died or whose engine failed; `restart()` rebuilds one.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -153,6 +154,8 @@ class Controller:
             return  # a caller (a test session, an application) already runs Ray, or we joined
         r = cfg.ray
         if r.address is None:
+            # Ranks are the machine's main work: Ray's default would start them at nice 15.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=r.num_cpus, namespace=r.namespace, include_dashboard=False,
                      log_to_driver=True)
         else:

@@ -183,8 +183,7 @@ def test_a_stuck_step_makes_rank_0_unhealthy():
     worker = RankWorker(_spec())
     worker.engine = StuckEngine()
     worker.runner = SimpleNamespace(heartbeat=lambda: None, stop_peers=lambda: None)
-    worker._thread = threading.Thread(target=worker._engine_loop, daemon=True)
-    worker._thread.start()
+    worker._loop = worker._compute.submit(worker._engine_loop)
     try:
         assert worker.health()["ok"]  # a step under 4 x 0.05 s is fine
         deadline = time.monotonic() + 5

@@ -1,0 +1,135 @@
+"""The served path against the in-process engine, on the same workload and the same cores.
+
+    .venv/bin/python bench/bench_served.py                 # the default model, TP = 1 on 2 cores
+    .venv/bin/python bench/bench_served.py --requests 16 --max-output 64
+
+Runs bench/bench_engine.py's workload (64 requests, prompts 16-512, outputs 16-256 tokens, greedy,
+EOS ignored) three ways, alternately, `--repeats` times:
+
+  engine   the engine stepped in this process (bench_engine's own figure)
+  offline  cluster.offline.LLM: the same engine inside a Ray actor, requests and outputs over Ray
+  grpc     `tpserve serve` in a process of its own, all requests at once from an asyncio client
+
+and prints each one's throughput (best of the repeats) and its ratio to the engine's, then
+`served_vs_engine_<way>: <ratio>` (the goal is at least 0.95 for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+
+from bench_engine import make_engine, run_ours, workload  # noqa: E402
+
+CONFIG = """
+model: {{path: {model}}}
+parallel: {{tensor_parallel_size: 1}}
+device: {{type: cpu, cpus_per_rank: {cores}}}
+engine: {{max_model_len: 2048, kv_cache_tokens: 65536, max_batch_size: 64, max_tokens_per_step: 512}}
+server: {{host: 127.0.0.1, port: 0, max_queued_requests: 1024}}
+"""
+
+
+def engine_way(path, reqs, args) -> float:
+    torch.set_num_threads(args.cores)
+    engine = make_engine(path, kv_tokens=65536, max_batch=64, step_tokens=512)
+    run_ours(engine, reqs[:2])  # warm-up
+    return run_ours(engine, reqs)["throughput"]
+
+
+def offline_way(model, reqs, args) -> float:
+    from cluster.config import DeploymentConfig
+    from cluster.offline import LLM
+    from worker.sampling import SamplingParams
+
+    cfg = DeploymentConfig.for_model(model, tensor_parallel_size=1, type="cpu", cpus_per_rank=args.cores,
+                                     max_model_len=2048, kv_cache_tokens=65536, max_batch_size=64,
+                                     max_tokens_per_step=512)
+    llm = LLM(cfg)
+    try:
+        params = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
+        llm.generate([p for p, _ in reqs[:2]], [params(n) for _, n in reqs[:2]])  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate([p for p, _ in reqs], [params(n) for _, n in reqs])
+        wall = time.perf_counter() - t0
+    finally:
+        llm.shutdown()
+    assert sum(len(o.token_ids) for o in outs) == sum(n for _, n in reqs)
+    return sum(n for _, n in reqs) / wall
+
+
+def grpc_way(model, reqs, args) -> float:
+    from cluster.client import AsyncClient
+
+    with tempfile.TemporaryDirectory(prefix="tpserve-served-") as tmp:
+        cfg = Path(tmp) / "served.yaml"
+        cfg.write_text(CONFIG.format(model=model, cores=args.cores))
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(cfg)], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            address = next(m.group(1) for line in proc.stderr
+                           if (m := re.search(r"serving .* on (\S+) ", line)))
+
+            async def run(batch):
+                async with AsyncClient(address, timeout=3600) as client:
+                    results = await asyncio.gather(*(client.generate(token_ids=p, max_tokens=n, temperature=0.0,
+                                                                     ignore_eos=True) for p, n in batch))
+                return sum(r.completion_tokens for r in results)
+
+            asyncio.run(run(reqs[:2]))  # warm-up
+            t0 = time.perf_counter()
+            made = asyncio.run(run(reqs))
+            wall = time.perf_counter() - t0
+        finally:
+            proc.send_signal(2)
+            proc.wait(60)
+    assert made == sum(n for _, n in reqs)
+    return made / wall
+
+
+def main() -> int:
+    from cluster.model_store import resolve_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-output", type=int, default=256)
+    ap.add_argument("--cores", type=int, default=2, help="threads of the one rank, and its Ray CPUs")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    path = resolve_model(args.model)
+    vocab = __import__("json").loads((Path(path) / "config.json").read_text())["vocab_size"]
+    reqs = workload(args.requests, vocab, 0, args.max_output)
+    ways = {"engine": lambda: engine_way(path, reqs, args), "offline": lambda: offline_way(args.model, reqs, args),
+            "grpc": lambda: grpc_way(args.model, reqs, args)}
+    best = {}
+    for i in range(args.repeats):
+        for name, run in ways.items():
+            tok_s = run()
+            best[name] = max(best.get(name, 0.0), tok_s)
+            print(f"run {i + 1}: {name:8s} {tok_s:7.1f} tok/s", flush=True)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"\n{len(reqs)} requests, {sum(n for _, n in reqs)} output tokens, TP = 1 on {args.cores} cores, {cpu}")
+    print(f"{'way':10s} {'tok/s':>8s} {'vs engine':>10s}")
+    for name, tok_s in best.items():
+        print(f"{name:10s} {tok_s:8.1f} {tok_s / best['engine']:10.2f}")
+    for name in ("offline", "grpc"):
+        print(f"served_vs_engine_{name}: {best[name] / best['engine']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
