@@ -173,6 +173,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--step-tokens", type=int, default=512)
     ap.add_argument("--kv-tokens", type=int, default=65536)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -183,7 +184,8 @@ def main():
           f"{max(len(p) for p, _ in reqs)} tokens, outputs {min(n for _, n in reqs)}-"
           f"{max(n for _, n in reqs)} tokens ({sum(n for _, n in reqs)} in all), {args.threads} threads")
 
-    engine = make_engine(path, kv_tokens=args.kv_tokens, max_batch=args.max_batch, step_tokens=args.step_tokens)
+    engine = make_engine(path, kv_tokens=args.kv_tokens, max_batch=args.max_batch, step_tokens=args.step_tokens,
+                         dtype=args.dtype)
     decode_step_b1(engine, 4)  # warm-up
     ours = run_ours(engine, reqs)
     t = engine.timings.as_dict()
@@ -191,10 +193,10 @@ def main():
     outside = (t["schedule"] + t["sample"] + t["postprocess"] + t["broadcast"]) / step_total
     b1 = decode_step_b1(engine)
     bandwidth = memory_bandwidth()
-    weight_bytes = ShardingPlan.build(cfg, 1).ranks[0].bytes("float32")
+    weight_bytes = ShardingPlan.build(cfg, 1).ranks[0].bytes(args.dtype)
     floor = weight_bytes / bandwidth
 
-    hf = None if args.skip_transformers else run_transformers(path, reqs)
+    hf = None if args.skip_transformers else run_transformers(path, reqs, dtype=getattr(torch, args.dtype))
     rows = [("tpserve engine", ours)] + ([("transformers generate (batches of 16)", hf)] if hf else [])
     print(f"\n{'':40s} {'tok/s':>8s} {'wall s':>8s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
           f"{'TPOT p50':>9s} {'TPOT p99':>9s}")
