@@ -79,7 +79,7 @@ class Linear:
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
         cpu = weight.numel() > 0 and weight.device.type == "cpu"
-        small = cpu and weight.dtype == torch.float32
+        small = cpu and weight.dtype in native.SMALL_DTYPES
         self.native = small and weight.is_contiguous() and native.available()
         onednn = cpu and _onednn_usable(weight)
         self.onednn = small and not self.native and onednn  # for decode-sized inputs

@@ -219,3 +219,59 @@ def test_silu_mul_matches_float64():
     gate, up = gu.double().chunk(2, dim=-1)
     ref = gate * torch.sigmoid(gate) * up
     assert (native.silu_mul(gu).double() - ref).abs().max().item() < 1e-5
+
+
+# -- bfloat16 -------------------------------------------------------------------------------------------
+BF16_STEP = 2.0 ** -7  # bfloat16 keeps 8 significant bits: one step of the format, relative
+
+
+def _within_steps(got, ref, steps=1.0):
+    return bool(((got.double() - ref.double()).abs() <= ref.double().abs() * steps * BF16_STEP + 1e-6).all())
+
+
+@pytest.mark.parametrize("m,k,n,bias", [(1, 576, 960, False), (3, 1536, 577, True), (16, 56, 9, False)])
+def test_small_linear_bf16_matches_float64(m, k, n, bias):
+    assert native.available()
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    got = native.small_linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+    # float32 sums of exact bfloat16 products, then one rounding to bfloat16
+    err = (got.double() - ref).abs()
+    assert bool((err <= ref.abs() * BF16_STEP + 4e-6 * k ** 0.5).all()), err.max()
+
+
+def test_bf16_elementwise_operations_round_where_torch_rounds():
+    from worker.kernels import apply_rope
+
+    assert native.available()
+    g = torch.Generator().manual_seed(9)
+    x, delta = (torch.randn(4, 576, generator=g).bfloat16() for _ in range(2))
+    w = torch.randn(576, generator=g).bfloat16()
+    residual, out = native.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(residual, x + delta)
+    h = residual.float()
+    hf = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()  # transformers' RMSNorm
+    assert _within_steps(out, hf)  # the sum of squares may run in another order
+
+    qkv = torch.randn(3, 12 * 64, generator=g).bfloat16()
+    q = qkv[:, :9 * 64].view(3, 9, 64)
+    angles = torch.rand(3, 1, 32, generator=g) * 6.3
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    expect = apply_rope(q.clone(), cos, sin)
+    native.rope_(q, cos, sin)
+    assert torch.equal(q, expect)
+
+    gu = (torch.randn(2, 2 * 1536, generator=g) * 4).bfloat16()
+    gate, up = gu.chunk(2, dim=-1)
+    assert _within_steps(native.silu_mul(gu), torch.nn.functional.silu(gate) * up)
+
+
+def test_bf16_decode_steps_run_the_native_operations():
+    from worker.kernels import Kernels, NativeOps
+
+    kernels = Kernels.select(torch.device("cpu"), torch.bfloat16)
+    assert isinstance(kernels.ops(1), NativeOps) and kernels.ops(native.DECODE_MAX_ROWS + 1).name == "torch"

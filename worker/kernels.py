@@ -7,8 +7,8 @@ decode attention, that a kernel can do straight from the paged cache. Three sets
 
 * `TorchOps`: plain aten operators, any device, dtype and size. The reference formulation, and
   what prefill steps run on CPU for their element-wise work.
-* `NativeOps`: `worker.native`'s C++ kernels, for float32 steps of at most `DECODE_MAX_ROWS`
-  tokens on CPU.
+* `NativeOps`: `worker.native`'s C++ kernels, for float32 and bfloat16 steps of at most
+  `DECODE_MAX_ROWS` tokens on CPU.
 * `TritonOps`: `worker.triton_ops`, for CUDA, every step, any dtype.
 
 `Kernels.select` makes the per-model choice; `Kernels.ops(tokens)` gives a step its set, which
@@ -143,7 +143,7 @@ class Kernels:
             if device.type != "cpu" or not native.available():
                 raise ValueError(f"the native kernels run on CPU only and must build here "
                                  f"({native.unavailable_reason() or device})")
-            small = dtype == torch.float32  # the element-wise kernels are float32 only
+            small = dtype in native.SMALL_DTYPES
             return cls("native", NativeOps() if small else TORCH_OPS, native.DECODE_MAX_ROWS,
                        native.paged_decode_attention)
         return cls("torch", TORCH_OPS, None, None)

@@ -5,9 +5,10 @@
   before `scaled_dot_product_attention` can use them; on CPU that copy and the padded attention
   cost more than the attention itself. The kernel walks the block tables instead and reads every
   cached key and value exactly once.
-* `csrc/decode_ops.cpp`: float32 operations on decode-sized inputs (a few rows): a matrix-vector
-  product that streams each weight once at close to memory bandwidth, and fused residual-add +
-  RMS norm, rotary embedding and silu·up, which replace a few dozen small aten calls per layer.
+* `csrc/decode_ops.cpp`: float32 and bfloat16 operations on decode-sized inputs (a few rows): a
+  matrix-vector product that streams each weight once at close to memory bandwidth, and fused
+  residual-add + RMS norm, rotary embedding and silu·up, which replace a few dozen small aten
+  calls per layer. bfloat16 is computed in float32 and rounded where transformers' modules round.
   Larger inputs (prefill) keep the torch operators, so prompt logits stay those of transformers.
 
 It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
@@ -136,8 +137,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                              scale, window or 0, out)
 
 
+SMALL_DTYPES = (torch.float32, torch.bfloat16)  # what the decode-sized operations take
+
+
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x Wᵀ (+ b) for a few rows of float32 x (rows contiguous); W (out, in) contiguous."""
+    """x Wᵀ (+ b) for a few rows of x (rows contiguous); W (out, in) contiguous; one dtype of
+    SMALL_DTYPES for all."""
     out = x.new_empty((x.shape[0], weight.shape[0]))
     torch.ops.tpserve.small_linear(x, weight, bias, out)
     return out
@@ -145,7 +150,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta) · weight), in one pass; contiguous float32 (rows, hidden)."""
+    """(x + delta, rms_norm(x + delta) · weight), in one pass; contiguous (rows, hidden)."""
     residual, out = torch.empty_like(x), torch.empty_like(x)
     torch.ops.tpserve.add_rms_norm(x, delta, weight, eps, residual, out)
     return residual, out
