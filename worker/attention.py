@@ -20,7 +20,11 @@ Sliding windows (Mistral, some Qwen2 layers) add ``key > query - window`` to the
 
 Where a decode-attention kernel exists (`worker.native` on CPU, `worker.triton_attention` on CUDA;
 `worker.kernels` chooses), decodes skip all of the above: it reads each sequence's blocks where
-they lie, through its block table, with no copy and no padding.
+they lie, through its block table, with no copy and no padding. Short prefill chunks over a cached
+context (a request whose prompt starts with a cached prefix, the later chunks of a long prompt)
+go the same way: each of their query tokens is a row of its own whose context ends at its own
+position, which is the causal mask. Their K/V are in the cache already: every layer writes the
+step's K/V before attending.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from worker.kv_cache import LayerCache
 from worker.step import StepInput
 
 DECODE_GROUP = 16  # decodes per attention call: bounds the padding to similar-length contexts
+# Prefill chunks over a cached context of at most this many tokens go to the paged kernel, a row
+# per token; longer ones are gathered for SDPA, whose blocked matrix products win there.
+PAGED_CHUNK_TOKENS = 64
 
 
 @dataclass
@@ -64,11 +71,17 @@ class PrefillChunk:
 
 @dataclass
 class PagedDecodes:
-    """The decodes' block tables and context lengths, and the kernel that reads the cache through them."""
+    """Rows of query tokens the paged kernel serves: each row's block table and context length
+    (its own position + 1), and the kernel that reads the cache through them."""
 
-    block_tables: torch.Tensor  # (decodes, max_blocks) int64, on the cache's device
-    context_lens: torch.Tensor  # (decodes,) int64, on the cache's device
+    block_tables: torch.Tensor  # (rows, max_blocks) int64, on the cache's device
+    context_lens: torch.Tensor  # (rows,) int64, on the cache's device
     kernel: Callable  # (q, k_cache, v_cache, block_tables, context_lens, scale, window, out) -> None
+    tokens: torch.Tensor | None = None  # (rows,) their packed token indices; None: the first rows
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.context_lens.shape[0])
 
 
 @dataclass
@@ -83,11 +96,12 @@ class AttentionMetadata:
     def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, blocks_per_head: int,
               device: torch.device, decode_kernel: Callable | None = None) -> "AttentionMetadata":
         nd = step.num_decodes
-        prefills = _prefills(step, block_size, windows, kv_heads, blocks_per_head, device)
         if decode_kernel is not None:
-            decodes = PagedDecodes(step.block_tables[:nd].contiguous().to(device),
-                                   step.context_lens[:nd].contiguous().to(device), decode_kernel)
-            return cls(step.slot_mapping.to(device), nd, [], prefills, decodes)
+            paged_chunks = _short_cached_chunks(step)
+            prefills = _prefills(step, block_size, windows, kv_heads, blocks_per_head, device, skip=paged_chunks)
+            rows = _paged_rows(step, paged_chunks, decode_kernel, device)
+            return cls(step.slot_mapping.to(device), nd, [], prefills, rows)
+        prefills = _prefills(step, block_size, windows, kv_heads, blocks_per_head, device)
         clens = step.context_lens.tolist()
         groups = []
         order = sorted(range(nd), key=clens.__getitem__)
@@ -124,11 +138,41 @@ def _gathered(tables: torch.Tensor, longest: int, block_size: int, kv_heads: int
     return Gathered(rows.to(device), tables.shape[0], nb * block_size)
 
 
-def _prefills(step, block_size, windows, kv_heads, blocks_per_head, device) -> list[PrefillChunk]:
+def _short_cached_chunks(step: StepInput) -> set[int]:
+    """The prefill sequences whose chunk the paged kernel takes: a cached context, few tokens."""
+    qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
+    return {s for s in range(step.num_decodes, step.num_seqs)
+            if qlens[s] < clens[s] and qlens[s] <= PAGED_CHUNK_TOKENS}
+
+
+def _paged_rows(step: StepInput, chunks: set[int], kernel: Callable, device) -> PagedDecodes:
+    """The decodes, then a row per token of each chunk in `chunks`."""
+    nd = step.num_decodes
+    if not chunks:
+        return PagedDecodes(step.block_tables[:nd].contiguous().to(device),
+                            step.context_lens[:nd].contiguous().to(device), kernel)
+    qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
+    seqs, lens, tokens, start = list(range(nd)), list(clens[:nd]), list(range(nd)), nd
+    for s in range(nd, step.num_seqs):
+        T, L = qlens[s], clens[s]
+        if s in chunks:
+            seqs += [s] * T
+            lens += range(L - T + 1, L + 1)  # token j of the chunk sees the context up to itself
+            tokens += range(start, start + T)
+        start += T
+    t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+    return PagedDecodes(step.block_tables[seqs].to(device), t(lens), kernel, t(tokens))
+
+
+def _prefills(step, block_size, windows, kv_heads, blocks_per_head, device, skip: set = frozenset()
+              ) -> list[PrefillChunk]:
     qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
     chunks, start = [], step.num_decodes
     for s in range(step.num_decodes, step.num_seqs):
         T, L = qlens[s], clens[s]
+        if s in skip:
+            start += T
+            continue
         cached = L - T
         kv = (_gathered(step.block_tables[s:s + 1], L, block_size, kv_heads, blocks_per_head, device)
               if cached else None)
@@ -166,8 +210,13 @@ def paged_attention(
     hkv = k.shape[1]
     out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
     paged = meta.paged_decodes
-    if paged is not None and meta.num_decodes:
-        nd = meta.num_decodes
+    if paged is not None and paged.tokens is not None:  # decodes and short chunks: gathered rows
+        rows = q.index_select(0, paged.tokens)
+        served = torch.empty_like(rows)
+        paged.kernel(rows, cache.k, cache.v, paged.block_tables, paged.context_lens, scale, window, served)
+        out.index_copy_(0, paged.tokens, served)
+    elif paged is not None and paged.num_rows:  # decodes only: the first rows, in place
+        nd = paged.num_rows
         paged.kernel(q[:nd], cache.k, cache.v, paged.block_tables, paged.context_lens, scale, window, out[:nd])
     for g in meta.decode_groups:
         ks, vs = _gather(cache, g.kv)
