@@ -253,8 +253,8 @@ class Checks:
     def kernels(self):
         import torch
 
-        from worker import triton_ops
-        from worker.triton_attention import paged_decode_attention
+        from tpkernels import triton_ops
+        from tpkernels.triton_attention import paged_decode_attention
 
         dev = self.device
         worst = {}
@@ -670,7 +670,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when visible")
     ap.add_argument("--only", default="", help="comma-separated check names (or prefixes) to run")
     ap.add_argument("--quick", action="store_true", help="toy sizes (for a CPU smoke run)")
-    ap.add_argument("--kernels", default="auto", help="auto | torch | native | triton (see worker/kernels.py)")
+    ap.add_argument("--kernels", default="auto", help="auto | torch | native | triton (see tpkernels/__init__.py)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--watchdog-s", type=float, default=540, help="dump every thread's stack and exit after this")
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The native kernels (worker/csrc) on their own: decode attention against an independent float64
+"""The native kernels (tpkernels/csrc) on their own: decode attention against an independent float64
 reference and against the torch path (gather + SDPA) inside `paged_attention` on mixed steps, and
 the decode-sized float32 operations (matrix-vector product, add + RMS norm, rope, silu·up) against
 float64 or the torch formulas.
@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from worker import native
+from tpkernels import native
 from worker.attention import AttentionMetadata, paged_attention
 from worker.kv_cache import KVCache
 from worker.step import StepInput
@@ -24,6 +24,39 @@ CPU = torch.device("cpu")
 def test_kernel_is_built_here():
     # CI machines have a C++ compiler; without the kernel CPU decode falls back to the slow path.
     assert native.available(), native.unavailable_reason()
+
+
+@pytest.fixture(scope="module", params=native.isas_here())
+def kern(request):
+    """The kernels built for each instruction set this CPU runs ("native", what serves, and each
+    x86-64 level below it): the reference tests check every path this machine can execute."""
+    return native.variant(request.param)
+
+
+def test_every_instruction_set_here_is_a_separate_build():
+    """Each level compiles to its own library under its own namespace, and the compiler's target is
+    what it says: the SSE4.2 level has no AVX register in its machine code, the AVX2 and AVX-512
+    levels use 256-bit registers and fused multiply-adds."""
+    import shutil
+    import subprocess
+
+    isas = native.isas_here()
+    assert isas[0] == native.NATIVE
+    paths = {isa: native.library_path(isa) for isa in isas}
+    assert len(set(paths.values())) == len(isas)
+    assert len({native.namespace(isa) for isa in isas}) == len(isas)
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump is not installed")
+    for isa in isas:
+        ops = native.variant(isa)
+        assert ops.isa == isa
+        getattr(torch.ops, native.namespace(isa)).small_linear  # that build's library is loaded
+        code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(paths[isa])], capture_output=True,
+                              text=True, check=True).stdout
+        if isa == "x86-64-v2":
+            assert "%ymm" not in code and "%zmm" not in code
+        if isa in ("x86-64-v3", "x86-64-v4"):
+            assert "%ymm" in code and "vfmadd" in code
 
 
 def _random_cache(num_blocks, bs, hkv, d, dtype, seed):
@@ -65,7 +98,7 @@ CASES = [  # dtype, head_dim, q_heads, kv_heads, window
 
 
 @pytest.mark.parametrize("dtype,d,hq,hkv,window", CASES)
-def test_kernel_matches_reference(dtype, d, hq, hkv, window):
+def test_kernel_matches_reference(dtype, d, hq, hkv, window, kern):
     bs, num_blocks, n = 16, 160, 7
     rng = random.Random(d * 31 + hq)
     k, v = _random_cache(num_blocks, bs, hkv, d, dtype, seed=d + hq)
@@ -79,19 +112,19 @@ def test_kernel_matches_reference(dtype, d, hq, hkv, window):
     q = qkv[:, :hq * d].view(n, hq, d)
     out = torch.full((n, hq, d), float("nan"), dtype=dtype)
     scale = d ** -0.5
-    native.paged_decode_attention(q, k, v, tables, lens, scale, window, out)
+    kern.paged_decode_attention(q, k, v, tables, lens, scale, window, out)
     ref = _reference(q, k, v, tables, lens, bs, scale, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     err = (out.double() - ref).abs().max().item()
     assert err < tol, f"max abs error {err:.3g} (tolerance {tol})"
 
 
-def test_kernel_single_token_is_its_value():
+def test_kernel_single_token_is_its_value(kern):
     # One cached token: softmax of one score is 1, so the output is exactly that token's V.
     k, v = _random_cache(4, 16, 2, 64, torch.float32, seed=0)
     q = torch.randn(1, 4, 64)
     out = torch.empty_like(q)
-    native.paged_decode_attention(q, k, v, torch.tensor([[3]]), torch.tensor([1]), 0.125, None, out)
+    kern.paged_decode_attention(q, k, v, torch.tensor([[3]]), torch.tensor([1]), 0.125, None, out)
     expect = v.view(2, 4, 16, 64)[:, 3, 0]  # (kv_heads, d): block 3, slot 0
     assert torch.equal(out[0], expect.repeat_interleave(2, dim=0))
 
@@ -132,13 +165,13 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window):
 # -- the decode-sized float32 operations ------------------------------------------------------
 @pytest.mark.parametrize("m,k,n,bias", [(1, 576, 960, False), (2, 576, 3072, True), (3, 1536, 577, False),
                                         (16, 64, 5, True), (3, 56, 9, False), (5, 37, 13, True)])
-def test_small_linear_matches_float64(m, k, n, bias):
+def test_small_linear_matches_float64(m, k, n, bias, kern):
     g = torch.Generator().manual_seed(m * 1000 + n)
     wide = torch.randn(m, k + 24, generator=g)
     x = wide[:, 8:8 + k]  # rows apart in memory, as a slice of a wider activation
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    got = native.small_linear(x, w, b)
+    got = kern.small_linear(x, w, b)
     ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
     # fp32 accumulation over k terms of size ~1: error grows like sqrt(k) ulps of the result
     tol = 4e-6 * k ** 0.5 * ref.abs().max().item() ** 0.5 + 1e-6
@@ -151,55 +184,104 @@ def test_linear_uses_the_kernel_for_decode_sized_inputs_only():
     torch.manual_seed(0)
     w, b = torch.randn(96, 64), torch.randn(96)
     lin = Linear(w, b)
-    assert lin.native
+    assert lin.small == "native"
     for rows in (1, native.DECODE_MAX_ROWS, native.DECODE_MAX_ROWS + 1):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), atol=2e-5, rtol=0)
 
 
+def test_the_models_kernel_choice_decides_its_products(smollm2_dir):
+    """One decision: every projection and the LM head take the model's `Kernels`, so a model built
+    with kernels="torch" runs no native kernel anywhere, and the native choice puts the GEMV in all
+    of them (the way it is chosen for a weight is checked below it)."""
+    from sharding.arch import ModelConfig
+    from sharding.group import TPGroup
+    from sharding.plan import ShardingPlan
+    from tpkernels import Kernels
+    from worker.runner import ModelRunner
+
+    cfg = ModelConfig.from_dir(smollm2_dir)
+    plan = ShardingPlan.build(cfg, 1).ranks[0]
+
+    def products(kernels):
+        runner, _ = ModelRunner.load(smollm2_dir, cfg, plan, TPGroup.single(), dtype="float32",
+                                     num_blocks=4, block_size=16, kernels=kernels)
+        m = runner.model
+        out = [m.lm_head.linear]
+        for layer in m.layers:
+            out += [layer.attn.wqkv.linear, layer.attn.wo.linear, layer.mlp.w_in.linear, layer.mlp.w_out.linear]
+        return out
+
+    assert {p.small for p in products("native")} == {"native"}
+    assert "native" not in {p.small for p in products("torch")}
+
+    w = torch.randn(96, 64)
+    cpu = torch.device("cpu")
+    assert Kernels.select(cpu, torch.float16, "native").matmul(w.half()).small != "native"  # no fp16 GEMV
+    assert Kernels.select(cpu, torch.float32, "native").matmul(w[:, ::2]).small != "native"  # strided weight
+
+
 @pytest.mark.parametrize("choice", ["blas", "onednn"])
 def test_larger_inputs_take_the_chosen_matrix_product(monkeypatch, choice):
-    """TPSERVE_GEMM overrides the timing (`_onednn_is_faster`); each choice is that kernel, exactly."""
-    from sharding import layers
+    """TPSERVE_GEMM overrides the timing (`gemm.onednn_is_faster`); each choice is that kernel, exactly."""
+    from sharding.layers import Linear
+    from tpkernels import gemm
 
     monkeypatch.setenv("TPSERVE_GEMM", choice)
     torch.manual_seed(1)
     w, b = torch.randn(96, 64), torch.randn(96)
     big = torch.randn(native.DECODE_MAX_ROWS + 1, 64)
-    lin = layers.Linear(w, b)
-    assert lin.onednn_large == (choice == "onednn")
-    expect = layers._onednn(big, w, b) if choice == "onednn" else torch.nn.functional.linear(big, w, b)
+    lin = Linear(w, b)
+    assert lin.medium == lin.large == ("onednn" if choice == "onednn" else "torch")
+    expect = gemm.onednn(big, w, b) if choice == "onednn" else torch.nn.functional.linear(big, w, b)
     assert torch.equal(lin(big), expect)
     torch.testing.assert_close(lin(big), big.double().matmul(w.double().T).add(b.double()).float(), atol=2e-5, rtol=0)
 
 
+def test_each_size_class_runs_its_own_kernel(monkeypatch):
+    """Decode-sized, 17-64-row and larger inputs each go to the kernel chosen for their class (the
+    kernels replaced by ones that say who ran: several of them give bit-identical results here)."""
+    import tpkernels
+    from tpkernels import Matmul, gemm
+
+    for name, module, attr in (("native", native, "small_linear"), ("onednn", gemm, "onednn"),
+                               ("torch", tpkernels.F, "linear")):
+        monkeypatch.setattr(module, attr, lambda x, w, b, name=name: (name, x.shape[0]))
+    m = Matmul(torch.zeros(96, 64), None, small="native", medium="onednn", large="torch")
+    for rows, kernel in ((1, "native"), (native.DECODE_MAX_ROWS, "native"), (native.DECODE_MAX_ROWS + 1, "onednn"),
+                         (gemm.MEDIUM_MAX_ROWS, "onednn"), (gemm.MEDIUM_MAX_ROWS + 1, "torch")):
+        assert m(torch.zeros(rows, 64)) == (kernel, rows)
+
+
 def test_the_faster_product_is_timed_once_per_shape(monkeypatch):
-    from sharding import layers
+    from tpkernels import gemm
 
     monkeypatch.delenv("TPSERVE_GEMM", raising=False)
-    monkeypatch.setattr(layers, "_faster", {})
+    monkeypatch.setattr(gemm, "_faster", {})
     w = torch.randn(80, 48)
-    first = layers._onednn_is_faster(w)
-    assert list(layers._faster.values()) == [first]
-    layers._faster[next(iter(layers._faster))] = not first  # a cached answer is not timed again
-    assert layers._onednn_is_faster(w) is (not first)
+    first = gemm.onednn_is_faster(w)
+    assert list(gemm._faster.values()) == [first]
+    gemm._faster[next(iter(gemm._faster))] = not first  # a cached answer is not timed again
+    assert gemm.onednn_is_faster(w) is (not first)
+    gemm.onednn_is_faster(w, gemm.MEDIUM_ROWS)  # each size class is timed on its own
+    assert len(gemm._faster) == 2
     monkeypatch.setenv("TPSERVE_GEMM", "sometimes")
     with pytest.raises(ValueError, match="TPSERVE_GEMM must be one of"):
-        layers._onednn_is_faster(w)
+        gemm.onednn_is_faster(w)
 
 
-def test_add_rms_norm_matches_float64():
+def test_add_rms_norm_matches_float64(kern):
     g = torch.Generator().manual_seed(1)
     x, delta, w = torch.randn(5, 576, generator=g), torch.randn(5, 576, generator=g), torch.randn(576, generator=g)
-    residual, out = native.add_rms_norm(x, delta, w, 1e-5)
+    residual, out = kern.add_rms_norm(x, delta, w, 1e-5)
     s = x.double() + delta.double()
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
     assert torch.equal(residual, x + delta)
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
-def test_rope_in_place_on_a_strided_view_matches_the_torch_formula():
-    from worker.kernels import apply_rope
+def test_rope_in_place_on_a_strided_view_matches_the_torch_formula(kern):
+    from tpkernels import apply_rope
 
     g = torch.Generator().manual_seed(2)
     n, h, d = 3, 9, 64
@@ -208,17 +290,17 @@ def test_rope_in_place_on_a_strided_view_matches_the_torch_formula():
     untouched = qkv[:, h * d:].clone()
     angles = torch.rand(n, 1, d // 2, generator=g) * 6.3
     expect = apply_rope(q.clone(), angles.cos(), angles.sin())
-    native.rope_(q, angles.cos(), angles.sin())
+    kern.rope_(q, angles.cos(), angles.sin())
     torch.testing.assert_close(q, expect, atol=1e-6, rtol=0)
     assert torch.equal(qkv[:, h * d:], untouched)  # only q's columns were written
 
 
-def test_silu_mul_matches_float64():
+def test_silu_mul_matches_float64(kern):
     g = torch.Generator().manual_seed(3)
     gu = torch.randn(4, 2 * 1536, generator=g) * 4
     gate, up = gu.double().chunk(2, dim=-1)
     ref = gate * torch.sigmoid(gate) * up
-    assert (native.silu_mul(gu).double() - ref).abs().max().item() < 1e-5
+    assert (kern.silu_mul(gu).double() - ref).abs().max().item() < 1e-5
 
 
 # -- bfloat16 -------------------------------------------------------------------------------------------
@@ -230,13 +312,12 @@ def _within_steps(got, ref, steps=1.0):
 
 
 @pytest.mark.parametrize("m,k,n,bias", [(1, 576, 960, False), (3, 1536, 577, True), (16, 56, 9, False)])
-def test_small_linear_bf16_matches_float64(m, k, n, bias):
-    assert native.available()
+def test_small_linear_bf16_matches_float64(m, k, n, bias, kern):
     g = torch.Generator().manual_seed(m + n)
     x = torch.randn(m, k, generator=g).bfloat16()
     w = torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if bias else None
-    got = native.small_linear(x, w, b)
+    got = kern.small_linear(x, w, b)
     assert got.dtype == torch.bfloat16
     ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
     # float32 sums of exact bfloat16 products, then one rounding to bfloat16
@@ -244,14 +325,13 @@ def test_small_linear_bf16_matches_float64(m, k, n, bias):
     assert bool((err <= ref.abs() * BF16_STEP + 4e-6 * k ** 0.5).all()), err.max()
 
 
-def test_bf16_elementwise_operations_round_where_torch_rounds():
-    from worker.kernels import apply_rope
+def test_bf16_elementwise_operations_round_where_torch_rounds(kern):
+    from tpkernels import apply_rope
 
-    assert native.available()
     g = torch.Generator().manual_seed(9)
     x, delta = (torch.randn(4, 576, generator=g).bfloat16() for _ in range(2))
     w = torch.randn(576, generator=g).bfloat16()
-    residual, out = native.add_rms_norm(x, delta, w, 1e-5)
+    residual, out = kern.add_rms_norm(x, delta, w, 1e-5)
     assert torch.equal(residual, x + delta)
     h = residual.float()
     hf = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()  # transformers' RMSNorm
@@ -262,16 +342,16 @@ def test_bf16_elementwise_operations_round_where_torch_rounds():
     angles = torch.rand(3, 1, 32, generator=g) * 6.3
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
     expect = apply_rope(q.clone(), cos, sin)
-    native.rope_(q, cos, sin)
+    kern.rope_(q, cos, sin)
     assert torch.equal(q, expect)
 
     gu = (torch.randn(2, 2 * 1536, generator=g) * 4).bfloat16()
     gate, up = gu.chunk(2, dim=-1)
-    assert _within_steps(native.silu_mul(gu), torch.nn.functional.silu(gate) * up)
+    assert _within_steps(kern.silu_mul(gu), torch.nn.functional.silu(gate) * up)
 
 
 def test_bf16_decode_steps_run_the_native_operations():
-    from worker.kernels import Kernels, NativeOps
+    from tpkernels import Kernels, NativeOps
 
     kernels = Kernels.select(torch.device("cpu"), torch.bfloat16)
     assert isinstance(kernels.ops(1), NativeOps) and kernels.ops(native.DECODE_MAX_ROWS + 1).name == "torch"

@@ -1,4 +1,4 @@
-"""The Triton paged decode-attention kernel (worker/triton_attention.py) against an independent
+"""The Triton paged decode-attention kernel (tpkernels/triton_attention.py) against an independent
 float64 reference. On CUDA it runs compiled; without a GPU, on CPU tensors under Triton's
 interpreter, so the cases stay small (a few sequences, a few dozen blocks).
 
@@ -27,7 +27,7 @@ import torch
 if not torch.cuda.is_available():  # the interpreter is chosen when a kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from worker.triton_attention import paged_decode_attention  # noqa: E402
+from tpkernels.triton_attention import paged_decode_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 POISON_K, POISON_V = 1e4, float("nan")

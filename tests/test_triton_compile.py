@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from worker import triton_attention as A, triton_ops as T
+from tpkernels import triton_attention as A, triton_ops as T
 
 TARGET = GPUTarget("cuda", 90, 32)
 count = 0

@@ -1,4 +1,4 @@
-"""The Triton element-wise kernels (worker/triton_ops.py) against the torch formulas they replace:
+"""The Triton element-wise kernels (tpkernels/triton_ops.py) against the torch formulas they replace:
 add + RMS norm, rope with the KV-cache write, silu·up. On CPU they run under Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 there), on CUDA compiled.
 
@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker import triton_ops
-from worker.kernels import TorchOps, apply_rope
+from tpkernels import triton_ops
+from tpkernels import TorchOps, apply_rope
 from worker.kv_cache import KVCache
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

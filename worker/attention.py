@@ -18,8 +18,8 @@ layer costs more in page faults than the copy itself).
 
 Sliding windows (Mistral, some Qwen2 layers) add ``key > query - window`` to the masks.
 
-Where a decode-attention kernel exists (`worker.native` on CPU, `worker.triton_attention` on CUDA;
-`worker.kernels` chooses), decodes skip all of the above: it reads each sequence's blocks where
+Where a decode-attention kernel exists (`tpkernels.native` on CPU, `tpkernels.triton_attention` on CUDA;
+`tpkernels` chooses), decodes skip all of the above: it reads each sequence's blocks where
 they lie, through its block table, with no copy and no padding. Short prefill chunks over a cached
 context (a request whose prompt starts with a cached prefix, the later chunks of a long prompt)
 go the same way: each of their query tokens is a row of its own whose context ends at its own

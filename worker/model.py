@@ -24,8 +24,8 @@ from sharding.arch import ModelConfig, RopeConfig
 from sharding.group import TPGroup
 from sharding.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from sharding.plan import RankPlan
+from tpkernels import Kernels
 from worker.attention import AttentionMetadata, paged_attention
-from worker.kernels import Kernels
 from worker.kv_cache import KVCache, LayerCache
 from worker.step import StepInput
 
@@ -71,7 +71,7 @@ class Batch:
     logits_indices: torch.Tensor
     attn: AttentionMetadata
     rope: tuple[torch.Tensor, torch.Tensor] | None
-    ops: object  # this step's set of fused operations (`worker.kernels`)
+    ops: object  # this step's set of fused operations (`tpkernels`)
 
 
 class Norm:
@@ -96,12 +96,12 @@ class Norm:
 
 
 class Attention:
-    def __init__(self, cfg: ModelConfig, plan: RankPlan, w: dict, i: int, group: TPGroup):
+    def __init__(self, cfg: ModelConfig, plan: RankPlan, w: dict, i: int, group: TPGroup, kernels: Kernels):
         p = f"layers.{i}"
         self.hq, self.hkv, self.d = plan.num_heads, plan.num_kv_heads, cfg.head_dim
         self.sizes = [self.hq * self.d, self.hkv * self.d, self.hkv * self.d]
-        self.wqkv = ColumnParallelLinear(w[f"{p}.wqkv.weight"], w.get(f"{p}.wqkv.bias"))
-        self.wo = RowParallelLinear(w[f"{p}.wo.weight"], w.get(f"{p}.wo.bias"), group)
+        self.wqkv = ColumnParallelLinear(w[f"{p}.wqkv.weight"], w.get(f"{p}.wqkv.bias"), kernels)
+        self.wo = RowParallelLinear(w[f"{p}.wo.weight"], w.get(f"{p}.wo.bias"), group, kernels)
         self.window = cfg.sliding_windows[i]
         self.scale = cfg.head_dim ** -0.5
 
@@ -117,11 +117,11 @@ class Attention:
 
 
 class MLP:
-    def __init__(self, cfg: ModelConfig, w: dict, i: int, group: TPGroup):
+    def __init__(self, cfg: ModelConfig, w: dict, i: int, group: TPGroup, kernels: Kernels):
         p = f"layers.{i}"
         self.gated = cfg.family == "llama"
-        self.w_in = ColumnParallelLinear(w[f"{p}.w_in.weight"], w.get(f"{p}.w_in.bias"))
-        self.w_out = RowParallelLinear(w[f"{p}.w_out.weight"], w.get(f"{p}.w_out.bias"), group)
+        self.w_in = ColumnParallelLinear(w[f"{p}.w_in.weight"], w.get(f"{p}.w_in.bias"), kernels)
+        self.w_out = RowParallelLinear(w[f"{p}.w_out.weight"], w.get(f"{p}.w_out.bias"), group, kernels)
         self.gelu = "tanh" if cfg.act == "gelu_tanh" else "none"
 
     def __call__(self, x: torch.Tensor, ops) -> torch.Tensor:
@@ -134,12 +134,12 @@ class MLP:
 
 
 class Block:
-    def __init__(self, cfg: ModelConfig, plan: RankPlan, w: dict, i: int, group: TPGroup):
+    def __init__(self, cfg: ModelConfig, plan: RankPlan, w: dict, i: int, group: TPGroup, kernels: Kernels):
         p = f"layers.{i}"
         self.attn_norm = Norm(cfg, w[f"{p}.attn_norm.weight"], w.get(f"{p}.attn_norm.bias"))
-        self.attn = Attention(cfg, plan, w, i, group)
+        self.attn = Attention(cfg, plan, w, i, group, kernels)
         self.mlp_norm = Norm(cfg, w[f"{p}.mlp_norm.weight"], w.get(f"{p}.mlp_norm.bias"))
-        self.mlp = MLP(cfg, w, i, group)
+        self.mlp = MLP(cfg, w, i, group, kernels)
 
     def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch,
                  cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,17 +158,17 @@ class Transformer:
         self.device = w["embed.weight"].device
         self.dtype = w["embed.weight"].dtype
         self.max_positions = max_positions or cfg.max_positions
+        self.kernels = Kernels.select(self.device, self.dtype, kernels)
         self.embed = VocabParallelEmbedding(w["embed.weight"], plan.vocab_start, group)
         self.pos_embed = w.get("pos_embed.weight")
-        self.layers = [Block(cfg, plan, w, i, group) for i in range(cfg.num_layers)]
+        self.layers = [Block(cfg, plan, w, i, group, self.kernels) for i in range(cfg.num_layers)]
         self.norm = Norm(cfg, w["norm.weight"], w.get("norm.bias"))
         head = w["embed.weight"] if cfg.tie_embeddings else w["lm_head.weight"]
-        self.lm_head = ParallelLMHead(head, cfg.vocab_size, group)
+        self.lm_head = ParallelLMHead(head, cfg.vocab_size, group, self.kernels)
         self.rope = None
         if cfg.rope is not None:
             self.rope = Rope(cfg.rope, cfg.head_dim, self.max_positions, self.dtype, self.device)
         self.windows = set(cfg.sliding_windows)
-        self.kernels = Kernels.select(self.device, self.dtype, kernels)
 
     def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.cfg.num_layers, self.plan.num_kv_heads, self.cfg.head_dim,

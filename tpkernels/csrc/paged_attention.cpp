@@ -13,7 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
+#include "library.h"
 
 #include <algorithm>
 #include <cmath>
@@ -273,9 +273,9 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 }  // namespace
 
-TORCH_LIBRARY(tpserve, m) {
+TPSERVE_LIBRARY(TPSERVE_NS, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(tpserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TPSERVE_LIBRARY_IMPL(TPSERVE_NS, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

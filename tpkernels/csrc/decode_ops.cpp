@@ -17,12 +17,12 @@
 // a float32), every sum runs in float32, and each result is rounded to bfloat16 (to nearest even)
 // where the torch operators of transformers' modules round theirs, so outputs stay as close to
 // transformers' as its own bfloat16 run is. The code is plain C++ with GCC vector extensions,
-// built with -march=native on the machine that runs it (worker/native.py), so it uses the widest
+// built with -march=native on the machine that runs it (tpkernels/native.py), so it uses the widest
 // vectors that CPU has (AVX2 or AVX-512).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
+#include "library.h"
 
 #include <c10/util/BFloat16.h>
 
@@ -240,14 +240,14 @@ void silu_mul(const at::Tensor& gu, at::Tensor out) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(tpserve, m) {
+TPSERVE_LIBRARY_FRAGMENT(TPSERVE_NS, m) {
   m.def("small_linear(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, Tensor(a!) residual, Tensor(b!) out) -> ()");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_mul(Tensor gu, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(tpserve, CPU, m) {
+TPSERVE_LIBRARY_IMPL(TPSERVE_NS, CPU, m) {
   m.impl("small_linear", &small_linear);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_", &rope_);

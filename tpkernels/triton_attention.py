@@ -4,7 +4,7 @@ What it computes: for each sequence i (one query token each) and query head h,
 ``out[i, h] = softmax(scale · q[i, h] · Kᵀ) · V`` over the sequence's first ``context_lens[i]``
 cached tokens, or only the last ``window`` of them when a window is given. Query head h reads KV
 head ``h // (hq // hkv)`` (GQA; MQA when hkv == 1). It is the same operation as the C++ CPU
-kernel (`worker.native.paged_decode_attention`, csrc/paged_attention.cpp), with the same
+kernel (`tpkernels.native.paged_decode_attention`, csrc/paged_attention.cpp), with the same
 signature.
 
 Cache layout (worker/kv_cache.py): ``(hkv, num_blocks, block_size * d)``, contiguous; token slot

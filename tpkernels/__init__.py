@@ -1,5 +1,7 @@
-"""Which kernels a rank's forward runs, decided in one place: once per model by its device and
-dtype, and per step by the step's size.
+"""The kernels a rank's forward runs, and the one place that decides which: once per model by its
+device and dtype (`Kernels.select`), per step by the step's size (`Kernels.ops`), per matrix
+product by the input's rows (`Kernels.matmul`). `sharding` (the tensor-parallel layers) and
+`worker` (the model, attention, the engine) both sit on top of this package; it imports neither.
 
 A transformer block has three pieces of element-wise work that fused kernels do in one pass
 (residual add + RMS norm; rotary embedding + the KV-cache write; silu·up), and one operation,
@@ -7,12 +9,20 @@ decode attention, that a kernel can do straight from the paged cache. Three sets
 
 * `TorchOps`: plain aten operators, any device, dtype and size. The reference formulation, and
   what prefill steps run on CPU for their element-wise work.
-* `NativeOps`: `worker.native`'s C++ kernels, for float32 and bfloat16 steps of at most
+* `NativeOps`: `tpkernels.native`'s C++ kernels, for float32 and bfloat16 steps of at most
   `DECODE_MAX_ROWS` tokens on CPU.
-* `TritonOps`: `worker.triton_ops`, for CUDA, every step, any dtype.
+* `TritonOps`: `tpkernels.triton_ops`, for CUDA, every step, any dtype.
 
 `Kernels.select` makes the per-model choice; `Kernels.ops(tokens)` gives a step its set, which
 the step's `Batch` carries to every layer.
+
+Matrix products have three kernels on CPU. Decode-sized inputs (at most `native.DECODE_MAX_ROWS`
+rows) are memory-bound: our matrix-vector kernel (`native.small_linear`) streams the weight once at
+close to memory bandwidth; where it is not built, oneDNN; MKL's BLAS, which `F.linear` uses,
+re-packs the weight per call and runs those shapes 1.3-2.5x slower. Larger inputs (prefill, large
+decode batches) are compute-bound and go to whichever of BLAS and oneDNN is faster on this CPU for
+the weight's shape and the input's size class, 17-64 rows or more (`gemm.onednn_is_faster`). The kernels sum in different orders (all
+fp32-accurate), which moves logits by ~1e-5 to 1e-4. On CUDA every product is `F.linear`.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from worker import native
+from tpkernels import gemm, native
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +102,7 @@ class TritonOps:
     name = "triton"
 
     def __init__(self):
-        from worker import triton_ops  # imports triton: only where these kernels are chosen
+        from tpkernels import triton_ops  # imports triton: only where these kernels are chosen
 
         self._k = triton_ops
 
@@ -111,6 +121,28 @@ class TritonOps:
 TORCH_OPS = TorchOps()
 
 
+class Matmul:
+    """y = x Wᵀ (+ b) on one weight, with the kernel for each call picked by its rows: `small` up to
+    `native.DECODE_MAX_ROWS`, `medium` up to `gemm.MEDIUM_MAX_ROWS`, `large` above; each one of
+    "native" | "onednn" | "torch", decided by `Kernels.matmul`."""
+
+    __slots__ = ("weight", "bias", "small", "medium", "large")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, small: str, medium: str, large: str):
+        self.weight, self.bias = weight, bias
+        self.small, self.medium, self.large = small, medium, large
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        kernel = (self.small if rows <= native.DECODE_MAX_ROWS
+                  else self.medium if rows <= gemm.MEDIUM_MAX_ROWS else self.large)
+        if kernel == "native":
+            return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
+        if kernel == "onednn":
+            return gemm.onednn(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass(frozen=True)
 class Kernels:
     name: str  # "torch" | "native" | "triton"
@@ -119,6 +151,21 @@ class Kernels:
     # decode attention read through the block tables:
     # (q, k_cache, v_cache, block_tables, context_lens, scale, window, out) -> None
     decode_attention: Callable | None
+
+    def matmul(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Matmul:
+        """The product with `weight` (out, in) (+ `bias`), its kernels chosen here: see the module."""
+        small = medium = large = "torch"
+        if weight.device.type == "cpu" and weight.numel() > 0:
+            onednn = gemm.onednn_usable(weight)
+            if (self.name == "native" and weight.dtype in native.SMALL_DTYPES and weight.is_contiguous()):
+                small = "native"
+            elif onednn and weight.dtype in native.SMALL_DTYPES:
+                small = "onednn"
+            if onednn and gemm.onednn_is_faster(weight, gemm.MEDIUM_ROWS):
+                medium = "onednn"
+            if onednn and gemm.onednn_is_faster(weight, gemm.LARGE_ROWS):
+                large = "onednn"
+        return Matmul(weight, bias, small, medium, large)
 
     def ops(self, num_tokens: int):
         """The op set of a step of `num_tokens` tokens."""
@@ -136,7 +183,7 @@ class Kernels:
             choice = ("triton" if device.type == "cuda" and _triton_importable()
                       else "native" if device.type == "cpu" and native.available() else "torch")
         if choice == "triton":
-            from worker.triton_attention import paged_decode_attention
+            from tpkernels.triton_attention import paged_decode_attention
 
             return cls("triton", TritonOps(), None, paged_decode_attention)
         if choice == "native":

@@ -1,0 +1,61 @@
+"""Matrix products on CPU: which of BLAS (MKL's sgemm, what `F.linear` calls) and oneDNN runs a
+prefill-sized product faster on this CPU, and the oneDNN call itself.
+
+The answer depends on the CPU, the weight's shape and the number of rows: on an AMD Zen 5, MKL's
+sgemm ran at 207 GFLOP/s and oneDNN at 474 on 128 rows, while on an Intel Xeon oneDNN was 5-25 %
+faster than MKL for 17-64 rows only. So it is timed, once per weight shape, dtype, thread count and
+size class per process (best of three): `MEDIUM_ROWS` stands for decode batches of 17-64 rows,
+`LARGE_ROWS` for prefill chunks. ``TPSERVE_GEMM=blas`` or ``onednn`` decides instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+GEMM_CHOICES = ("auto", "blas", "onednn")
+_faster: dict[tuple, bool] = {}  # (out, in, dtype, threads, rows) -> oneDNN beat BLAS
+MEDIUM_MAX_ROWS = 64  # decode batches up to here are timed as MEDIUM_ROWS rows
+MEDIUM_ROWS, LARGE_ROWS = 48, 128
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def onednn_usable(w: torch.Tensor) -> bool:
+    """oneDNN's matmul on the plain weight, where this torch build has it."""
+    if w.device.type != "cpu" or w.numel() == 0 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        onednn(w.new_zeros(1, w.shape[1]), w, None)
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def onednn_is_faster(w: torch.Tensor, rows: int = LARGE_ROWS) -> bool:
+    """Whether oneDNN runs a `rows`-row product on `w` faster than BLAS here (see the module)."""
+    choice = os.environ.get("TPSERVE_GEMM", "auto")
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"TPSERVE_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice == "onednn"
+    key = (*w.shape, w.dtype, torch.get_num_threads(), rows)
+    if key not in _faster:
+        x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+        _faster[key] = _best_of(lambda: onednn(x, w, None)) < _best_of(lambda: F.linear(x, w))
+    return _faster[key]
+
+
+def _best_of(fn, runs: int = 3) -> float:
+    fn()  # first call: allocations, oneDNN's kernel generation
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

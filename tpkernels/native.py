@@ -1,0 +1,260 @@
+"""Native CPU kernels for decode steps.
+
+* `csrc/paged_attention.cpp`: decode attention read straight from the paged KV cache. The
+  pure-torch path (`worker.attention`) has to copy each sequence's blocks into a padded buffer
+  before `scaled_dot_product_attention` can use them; on CPU that copy and the padded attention
+  cost more than the attention itself. The kernel walks the block tables instead and reads every
+  cached key and value exactly once.
+* `csrc/decode_ops.cpp`: float32 and bfloat16 operations on decode-sized inputs (a few rows): a
+  matrix-vector product that streams each weight once at close to memory bandwidth, and fused
+  residual-add + RMS norm, rotary embedding and silu·up, which replace a few dozen small aten
+  calls per layer. bfloat16 is computed in float32 and rounded where transformers' modules round.
+  Larger inputs (prefill) keep the torch operators, so prompt logits stay those of transformers.
+
+It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
+else ``c++``), about 20 s, and cached under ``$TPSERVE_CACHE/native`` (default
+``~/.cache/tpserve/native``) keyed by the sources, the torch version and this CPU, so every process
+after the first just loads it. ``make`` builds it at install time (``python -m tpkernels.native``).
+Builders racing each other are safe: each writes a private file and renames it into place.
+
+Where it cannot be built (no compiler) or is switched off (``TPSERVE_NATIVE=0``), the torch path
+runs instead, with one warning; results agree within float rounding (tests/test_native.py).
+CUDA always uses the torch path.
+
+Instruction sets. The sources are plain C++ with GCC vector extensions, so the compiler's target
+decides which instructions they become. The build that serves targets this machine
+(``-march=native``: AVX2, AVX-512, AVX512-BF16, ... whatever the CPU reports, and the cache key
+holds the CPU's flags, so a machine with other features gets its own build). The same sources also
+build for each x86-64 level the CPU can run (`ISA_LEVELS`: v2 = SSE4.2 only, v3 = AVX2 + FMA,
+v4 = AVX-512), each under its own operator namespace, so the tests check every path this machine
+can execute against float64 (`variant`), and ``TPSERVE_NATIVE_ISA=x86-64-v3`` (read at import)
+serves from a lower level, e.g. to reproduce an AVX2-only machine's numbers on an AVX-512 one.
+
+DECODE_MAX_ROWS is where the small-input operations stop paying: past it, blocked GEMMs (oneDNN's or
+BLAS's, `tpkernels.gemm` times which) win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))
+HEADERS = sorted(CSRC.glob("*.h"))
+LIB_NAME = "tpserve_native.so"
+_state: dict[str, object] = {}  # "loaded": bool, "error": str
+DECODE_MAX_ROWS = 16
+
+# x86-64 micro-architecture levels (the psABI's), with the /proc/cpuinfo flags each needs.
+ISA_LEVELS = {
+    "x86-64-v2": ("sse4_2", "ssse3", "popcnt", "cx16"),
+    "x86-64-v3": ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+NATIVE = "native"  # -march=native: everything this CPU has
+ISA = os.environ.get("TPSERVE_NATIVE_ISA", NATIVE)  # the build that serves
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("TPSERVE_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "tpserve") / "native"
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for ln in text.splitlines():
+        if ln.split(":")[0].strip() == "flags":
+            return set(ln.split(":", 1)[1].split())
+    return set()
+
+
+def isas_here() -> list[str]:
+    """The builds this CPU can run: "native" first (what serves), then each x86-64 level it has."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return [NATIVE]
+    flags = _cpu_flags()
+    return [NATIVE, *(level for level, need in ISA_LEVELS.items() if flags.issuperset(need))]
+
+
+def namespace(isa: str) -> str:
+    """The operator namespace of a build: "tpserve" for the one that serves, one per other level."""
+    return "tpserve" if isa == ISA else "tpserve_" + isa.replace("-", "_")
+
+
+def _compile_command(compiler: str, sources: list[Path], out: Path, isa: str = ISA) -> list[str]:
+    if isa != NATIVE and isa not in ISA_LEVELS:
+        raise ValueError(f"TPSERVE_NATIVE_ISA must be one of {[NATIVE, *ISA_LEVELS]}, got {isa!r}")
+    tdir = Path(torch.__file__).resolve().parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    return [
+        compiler, "-O3", f"-march={isa}", "-fopenmp", "-fPIC", "-shared", "-std=c++20",
+        f"-DTPSERVE_NS={namespace(isa)}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+        f"-I{tdir / 'include'}", f"-I{tdir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        *map(str, sources), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}",
+        "-o", str(out),
+    ]
+
+
+def library_path(isa: str = ISA) -> Path:
+    """Where these sources, built against this torch for this CPU and instruction set, are cached."""
+    key = hashlib.sha256()
+    for part in (*(s.read_bytes() for s in SOURCES + HEADERS), torch.__version__.encode(),
+                 _cpu_identity().encode(), " ".join(_compile_command("c++", [Path("src")], Path("out"), isa)).encode()):
+        key.update(part)
+    return _cache_root() / key.hexdigest()[:16] / LIB_NAME
+
+
+def build(quiet: bool = False, isa: str = ISA) -> Path:
+    """Compiles the kernels for `isa` unless they are cached; returns the library's path. Raises
+    RuntimeError."""
+    lib = library_path(isa)
+    if lib.is_file():
+        return lib
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} not found; set CXX or install g++)")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        log.warning("tpserve: compiling the native kernels for %s (once per machine, ~20 s)", isa)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(_compile_command(compiler, SOURCES, Path(tmp), isa), capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"{compiler} failed: " + " | ".join(tail))
+        os.replace(tmp, lib)  # atomic: a racing builder's result is identical
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def available() -> bool:
+    """True once the kernels are loaded into this process (building it if needed)."""
+    if "loaded" not in _state:
+        if os.environ.get("TPSERVE_NATIVE", "1") == "0":
+            _state.update(loaded=False, error="switched off by TPSERVE_NATIVE=0")
+        else:
+            try:
+                torch.ops.load_library(str(build(isa=ISA)))
+                _state["loaded"] = True
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                _state.update(loaded=False, error=str(e))
+                log.warning("tpserve: native kernels unavailable, using the torch path: %s", e)
+    return bool(_state["loaded"])
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else str(_state.get("error"))
+
+
+SMALL_DTYPES = (torch.float32, torch.bfloat16)  # what the decode-sized operations take
+
+
+class Ops:
+    """The operators of one build, called through its namespace (``torch.ops.<namespace>``)."""
+
+    def __init__(self, isa: str):
+        self.isa = isa
+        self._ns = getattr(torch.ops, namespace(isa))
+
+    def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               window: int | None, out: torch.Tensor) -> None:
+        """out[i] = attention of q[i] (heads, d) over the first context_lens[i] cached tokens of the
+        sequence whose blocks block_tables[i] lists (the last `window` of them, when given)."""
+        self._ns.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, out)
+
+    def small_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x Wᵀ (+ b) for a few rows of x (rows contiguous); W (out, in) contiguous; one dtype of
+        SMALL_DTYPES for all."""
+        out = x.new_empty((x.shape[0], weight.shape[0]))
+        self._ns.small_linear(x, weight, bias, out)
+        return out
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, rms_norm(x + delta) · weight), in one pass; contiguous (rows, hidden)."""
+        residual, out = torch.empty_like(x), torch.empty_like(x)
+        self._ns.add_rms_norm(x, delta, weight, eps, residual, out)
+        return residual, out
+
+    def rope_(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotates x (tokens, heads, d) in place; cos, sin hold d/2 values per token."""
+        self._ns.rope_(x, cos, sin)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) · up for gate_up = [gate | up] (rows, 2f)."""
+        out = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+        self._ns.silu_mul(gate_up, out)
+        return out
+
+
+_serving = Ops(ISA)  # what the model calls, once `available()` has loaded it
+paged_decode_attention = _serving.paged_decode_attention
+small_linear = _serving.small_linear
+add_rms_norm = _serving.add_rms_norm
+rope_ = _serving.rope_
+silu_mul = _serving.silu_mul
+
+_variants: dict[str, Ops] = {}
+
+
+def variant(isa: str) -> Ops:
+    """The operators built for `isa` (one of `isas_here()`), built and loaded on first use. Raises
+    RuntimeError where it cannot be built, ValueError for an instruction set this CPU lacks."""
+    if isa not in isas_here():
+        raise ValueError(f"this CPU cannot run {isa!r} (it runs {isas_here()})")
+    if isa == ISA:
+        if not available():
+            raise RuntimeError(unavailable_reason())
+        return _serving
+    if isa not in _variants:
+        torch.ops.load_library(str(build(quiet=True, isa=isa)))
+        _variants[isa] = Ops(isa)
+    return _variants[isa]
+
+
+def main() -> int:
+    """``python -m tpkernels.native [ISA ...]``: build (or find) the kernels that serve, or those for
+    the named instruction sets ("all": every one this CPU runs), and say where they are."""
+    isas = sys.argv[1:] or [ISA]
+    if isas == ["all"]:
+        isas = isas_here()
+    try:
+        for isa in isas:
+            print(f"native kernels ({isa}): {build(isa=isa)}")
+    except RuntimeError as e:
+        print(f"native kernels not built ({e}); the torch path will be used", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
