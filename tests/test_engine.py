@@ -187,3 +187,51 @@ def test_a_failing_detokenizer_or_broken_state_fails_only_its_request(engine, pr
     assert done["state"].finish_reason is FinishReason.ERROR and "could not start" in done["state"].error
     assert done["ok"].token_ids == alone[0] and done["ok"].finish_reason is FinishReason.LENGTH
     assert engine.blocks.num_used == 0
+
+
+RESUMABLE = {
+    "greedy": dict(max_tokens=24, temperature=0.0, repetition_penalty=1.2, presence_penalty=0.5,
+                   min_tokens=20, logprobs=2, ignore_eos=True),
+    "seeded": dict(max_tokens=24, temperature=0.9, top_p=0.95, seed=7, frequency_penalty=0.3, ignore_eos=True),
+}
+
+
+def _outputs(engine, request):
+    """The request's outputs, one per step, run alone."""
+    engine.add_request(request)
+    outs = []
+    while engine.has_work:
+        outs += [o for o in engine.step() if o.request_id == request.request_id]
+    return outs
+
+
+@pytest.mark.parametrize("kind", RESUMABLE)
+def test_a_resumed_request_continues_exactly_where_it_was(engine, prompts, kind):
+    """What failover sends a second replica (the prompt and the tokens already streamed) gives the
+    rest of the undisturbed output: tokens, text (none of the streamed text again), logprobs,
+    usage and the finish; for a seeded request too, whose stream picks up at the same position."""
+    # a stop string from near the end of the undisturbed text, so that the resumed run must match
+    # it across the tokens it was given and those it generates
+    text = "".join(o.text for o in _outputs(engine, Request(f"probe-{kind}", prompts[10],
+                                                             SamplingParams(**RESUMABLE[kind]))))
+    params = SamplingParams(**RESUMABLE[kind], stop=[text[-10:-3]])
+    full = _outputs(engine, Request(f"full-{kind}", prompts[10], params))
+    tokens = [t for o in full for t in o.token_ids]
+    assert full[-1].finish_reason is FinishReason.STOP and len(tokens) >= 8
+    for k in (1, 5, len(tokens) - 1):
+        rest = _outputs(engine, Request(f"resume-{kind}-{k}", prompts[10], params, output_token_ids=tokens[:k]))
+        assert tokens[:k] + [t for o in rest for t in o.token_ids] == tokens, k
+        streamed = "".join(o.text for o in full[:k])
+        assert streamed + "".join(o.text for o in rest) == "".join(o.text for o in full), k
+        assert (rest[-1].finish_reason, rest[-1].stop, rest[-1].num_output_tokens, rest[-1].num_prompt_tokens) == \
+               (full[-1].finish_reason, full[-1].stop, full[-1].num_output_tokens, full[-1].num_prompt_tokens)
+        if params.logprobs:
+            got = [lp for o in rest for lp in (o.logprobs or [])]
+            want = [lp for o in full[k:] for lp in (o.logprobs or [])]
+            assert [lp.token_id for lp in got] == [lp.token_id for lp in want]
+            assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want)) < 1e-3
+
+
+def test_a_resumed_request_past_its_limits_is_refused_alone(engine, prompts):
+    out = _outputs(engine, Request("over", prompts[0], greedy(4), output_token_ids=[1, 2, 3, 4]))
+    assert out[-1].finish_reason is FinishReason.ERROR and "max_tokens is 4" in out[-1].error

@@ -47,6 +47,11 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
+    # A resumed request (its first replica failed): the tokens it already generated and streamed.
+    # They are prefilled after the prompt and count as output: penalties, min/max_tokens, the
+    # seeded stream's position, stop strings and usage continue where they were, and their text,
+    # already sent, is not sent again.
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -209,13 +214,19 @@ class Engine:
 
     def _add_sequence(self, req: Request) -> None:
         prompt = list(req.prompt_token_ids)
-        seq = Sequence(self._next_seq_id, req.request_id, prompt, len(prompt), req.arrival)
+        done = list(req.output_token_ids)
+        seq = Sequence(self._next_seq_id, req.request_id, prompt + done, len(prompt), req.arrival)
         self._next_seq_id += 1
         detok = (IncrementalDetokenizer(self.tokenizer, prompt, req.params)
                  if self.tokenizer is not None else None)
         max_tokens = min(req.params.max_tokens, self.max_model_len - len(prompt))
         sampling = SequenceSampling(req.params, prompt, self.eos_token_ids, self.vocab_size)
-        seq.state = _SeqState(req.params, sampling, detok, max_tokens)
+        for token in done:  # the state the first run had after these tokens; their text was sent
+            sampling.append(token)
+            sampling.skip_draw()
+            if detok is not None:
+                detok.add(token)
+        seq.state = _SeqState(req.params, sampling, detok, max_tokens, reported_queue=bool(done))
         self._seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -225,12 +236,14 @@ class Engine:
         if req.request_id in self._seqs:
             return f"duplicate request id {req.request_id!r}"
         ids = req.prompt_token_ids
-        n = len(ids)
-        if n == 0:
+        n = len(ids) + len(req.output_token_ids)
+        if not ids:
             return "prompt is empty"
         if n >= self.max_model_len:
             return f"prompt has {n} tokens; max_model_len is {self.max_model_len}"
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
+        if len(req.output_token_ids) >= req.params.max_tokens:
+            return f"resumed with {len(req.output_token_ids)} tokens; max_tokens is {req.params.max_tokens}"
+        if any(min(t) < 0 or max(t) >= self.vocab_size for t in (ids, req.output_token_ids) if t):
             return f"prompt token ids must be in [0, {self.vocab_size})"
         if -(-(n + 1) // self.blocks.block_size) > self.blocks.num_blocks:
             return f"prompt of {n} tokens does not fit in the KV cache"

@@ -209,6 +209,13 @@ class SequenceSampling:
         """True while min_tokens forbids EOS and stop_token_ids."""
         return self.num_output_tokens < self.params.min_tokens and len(self.min_tokens_blocked) > 0
 
+    def skip_draw(self) -> None:
+        """Move the seeded stream past one token's draw, as sampling it did: a resumed request
+        (`worker.engine.Request.output_token_ids`) then draws at each position what the first run
+        drew there, so its output is the one an undisturbed run gives."""
+        if self.generator is not None and not self.params.greedy:
+            torch.rand(1, generator=self.generator, dtype=torch.float64)
+
     def append(self, token_id: int) -> None:
         """Record a generated token."""
         self.output_token_ids.append(token_id)
