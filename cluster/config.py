@@ -264,6 +264,9 @@ class ServerSettings:
     max_stop_string_length: int = _field(_positive_int, 64)  # characters per stop string
     request_timeout_s: float | None = _field(_optional(_positive_number), None)
     rebuild_failed_replicas: bool = _field(_flag, True)  # restart a replica whose rank died
+    # A request whose replica fails moves to another (or the rebuilt) one and resumes where it
+    # was, this many times; one more failure ends it with UNAVAILABLE.
+    max_request_retries: int = _field(_count, 2)
     # TLS (cluster/auth.py reads and checks the files when the server is built, before the
     # cluster starts): the certificate chain and its key, both or neither; with a client CA,
     # clients must present a certificate it signed (mutual TLS).

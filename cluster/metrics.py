@@ -16,6 +16,8 @@ as outputs arrive.
     tpserve_prefix_cache_hit_ratio{replica}      prompt tokens found in the prefix cache / looked up
     tpserve_replica_healthy{replica}             1 while the replica takes requests
     tpserve_replica_failures_total{replica}      times the replica was taken out of routing
+    tpserve_request_failovers_total{replica}     requests moved off the replica when it failed (each resumes elsewhere)
+    tpserve_request_failovers_total{replica}     requests moved off the replica when it failed
     tpserve_replica_restarts_total{replica}      times the replica was rebuilt and took requests again
     tpserve_prompt_tokens_total{replica}         prompt tokens of requests that started generating
     tpserve_generation_tokens_total{replica}     generated tokens
@@ -53,6 +55,8 @@ class Metrics:
                              ["replica"], registry=r)
         self.failures = Counter("tpserve_replica_failures", "Times a replica was taken out of routing",
                                 ["replica"], registry=r)
+        self.failovers = Counter("tpserve_request_failovers", "Requests moved off a replica when it failed",
+                                 ["replica"], registry=r)
         self.restarts = Counter("tpserve_replica_restarts", "Times a replica was rebuilt", ["replica"],
                                 registry=r)
         self.prompt_tokens = Counter("tpserve_prompt_tokens", "Prompt tokens", ["replica"], registry=r)
@@ -87,6 +91,9 @@ class Metrics:
     def replica_failed(self, replica_id: int) -> None:
         self.failures.labels(str(replica_id)).inc()
         self.replica_health(replica_id, False)
+
+    def request_failover(self, replica_id: int) -> None:
+        self.failovers.labels(str(replica_id)).inc()
 
     def replica_restarted(self, replica_id: int) -> None:
         self.restarts.labels(str(replica_id)).inc()

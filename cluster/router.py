@@ -33,14 +33,23 @@ Failure: a replica is taken out of routing when its poll reports a failure, a Ra
 fails, or the monitor finds it unhealthy (a dead actor is seen within about a second). A report
 names the `_ReplicaLink` (one per replica incarnation) or the controller's replica object it is
 about, and is ignored when that is no longer the current one: a late report about a replica's
-old incarnation never takes out the rebuilt one. Its
-requests in flight end at once with `ReplicaUnavailable` (UNAVAILABLE) naming the failure, and
-`on_health(False)` is called. With `rebuild`, the monitor then starts a thread that asks the
-controller for a fresh replica (placement, actors, process group, weights), retrying with backoff;
-once it is up it takes requests again and `on_health(True)` follows if every replica is routable.
-Every request in flight therefore ends in one of six ways: its
-final output, an engine error, its replica's failure, its timeout, an abort by its client, or
-`close()`; `RequestHandle.next()` waits for nothing else.
+old incarnation never takes out the rebuilt one. `on_health(False)` is called, and with
+`rebuild` the monitor starts a thread that asks the controller for a fresh replica (placement,
+actors, process group, weights), retrying with backoff; once it is up it takes requests again and
+`on_health(True)` follows if every replica is routable.
+
+Failover: the failed replica's requests do not fail. Each moves to the healthy replica with the
+least load, or, when none is left, waits for a rebuild (at most `PARK_LIMIT_S`, and never past its
+own timeout). It is resubmitted under a new engine id with the tokens it already streamed
+(`Request.output_token_ids`): the engine prefills prompt + those tokens and continues from there,
+with penalties, stop strings, min/max_tokens, usage and the seeded stream's position where they
+were, so the client's stream only pauses and a greedy or seeded output equals an undisturbed run.
+A request that has failed over `max_retries` times ends with `ReplicaUnavailable` at the next
+failure, as does one that cannot wait (no rebuilding, or the wait ran out).
+
+Every request in flight therefore ends in one of six ways: its final output, an engine error, its
+replicas' failures past its retries, its timeout, an abort by its client, or `close()`;
+`RequestHandle.next()` waits for nothing else.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ RAY_CALL_TIMEOUT_S = 15.0  # a submit/abort/poll call that takes longer marks it
 MONITOR_INTERVAL_S = 1.0  # health check and stats refresh period
 STATS_TIMEOUT_S = 5.0
 REBUILD_RETRY_S = (5.0, 15.0, 60.0)  # waits after failed rebuild attempts; the last one repeats
+PARK_LIMIT_S = 120.0  # longest a failed-over request waits for a replica to come back
 
 
 class Overloaded(Exception):
@@ -115,9 +125,13 @@ class RequestHandle:
     """One admitted request. Outputs and the error that ends it arrive on the event loop."""
 
     def __init__(self, job: GenerateJob, engine_id: str, replica_id: int):
+        self.job = job
         self.request_id = job.request_id  # the client's (or assigned) id
-        self.engine_id = engine_id  # unique within the server; the engine's request id
-        self.replica_id = replica_id
+        self.engine_id = engine_id  # unique within the server; the engine's request id (per attempt)
+        self.replica_id = replica_id  # the replica serving it, or the last one while it waits
+        self.waiting: asyncio.TimerHandle | None = None  # failed over, waiting for a rebuild: its time limit
+        self.failures = 0  # replica failures it has been through
+        self.output_token_ids: list[int] = []  # every token handed to the client so far
         self.num_prompt_tokens = len(job.prompt_token_ids)
         self.max_tokens = job.params.max_tokens
         self.admitted_at = time.monotonic()
@@ -257,11 +271,14 @@ def _runs(ops: list[tuple[str, object]]):
 
 class Router:
     def __init__(self, controller, policy: AdmissionPolicy, metrics,
-                 on_health: Callable[[bool], None] | None = None, rebuild: bool = False):
+                 on_health: Callable[[bool], None] | None = None, rebuild: bool = False,
+                 max_retries: int = 2):
         self.controller = controller
         self.policy = policy
         self.metrics = metrics
         self.rebuild = rebuild
+        self.max_retries = max_retries
+        self._waiting: dict[str, RequestHandle] = {}  # failed over, waiting for a replica (by engine id)
         self._rebuilding: set[int] = set()  # replica ids with a rebuild thread (monitor side)
         self._on_health = on_health or (lambda serving: None)
         self._links: list[_ReplicaLink] = []
@@ -292,20 +309,21 @@ class Router:
         deadline = time.monotonic() + grace_s
         while self._in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for link in self._links:
-            for handle in list(link.inflight.values()):
-                handle.push(RequestOutput(handle.engine_id, [], finish_reason=FinishReason.CANCELLED,
-                                          num_prompt_tokens=handle.num_prompt_tokens,
-                                          num_output_tokens=handle.generated))
-                self._retire(link, handle, FinishReason.CANCELLED.value)
-                link.send_abort(handle.engine_id)
+        for handle in self._all_in_flight():
+            handle.push(RequestOutput(handle.engine_id, [], finish_reason=FinishReason.CANCELLED,
+                                      num_prompt_tokens=handle.num_prompt_tokens,
+                                      num_output_tokens=handle.generated))
+            self.abort(handle)
         self._stopping.set()
         for link in self._links:
             link.stop()
         await asyncio.to_thread(self._join)
 
     def _in_flight(self) -> int:
-        return sum(len(link.inflight) for link in self._links)
+        return sum(len(link.inflight) for link in self._links) + len(self._waiting)
+
+    def _all_in_flight(self) -> list[RequestHandle]:
+        return [h for link in self._links for h in link.inflight.values()] + list(self._waiting.values())
 
     def _join(self) -> None:
         for link in self._links:
@@ -326,14 +344,27 @@ class Router:
             raise Overloaded(f"server at capacity: {self._admitted} requests admitted (running, queued "
                              f"or still being written to their clients), limit {limit} = "
                              f"{self.policy.explain(len(live))}; retry later")
-        link = min(live, key=lambda l: (len(l.inflight), l.work, l.replica_id))
-        handle = RequestHandle(job, f"{job.request_id}#{next(self._ids)}", link.replica_id)
-        link.inflight[handle.engine_id] = handle
+        handle = RequestHandle(job, "", -1)
         self._admitted += 1
         if timeout_s is not None:
             handle.timer = self._loop.call_later(timeout_s, self._expire, handle, timeout_s)
-        link.send_submit(Request(handle.engine_id, list(job.prompt_token_ids), job.params))
+        self._send(handle, self._least_loaded(live))
         return handle
+
+    @staticmethod
+    def _least_loaded(live: list[_ReplicaLink]) -> _ReplicaLink:
+        return min(live, key=lambda l: (len(l.inflight), l.work, l.replica_id))
+
+    def _send(self, handle: RequestHandle, link: _ReplicaLink) -> None:
+        """Start (or resume) `handle` on `link`, under a new engine id: a late output of an earlier
+        attempt can never be taken for this one's."""
+        self._stop_waiting(handle)
+        handle.engine_id = f"{handle.request_id}#{next(self._ids)}"
+        handle.replica_id = link.replica_id
+        link.inflight[handle.engine_id] = handle
+        job = handle.job
+        link.send_submit(Request(handle.engine_id, list(job.prompt_token_ids), job.params,
+                                 output_token_ids=list(handle.output_token_ids)))
 
     def release(self, handle: RequestHandle) -> None:
         """The call is over (its last message written, or the client gone): the request stops
@@ -348,10 +379,7 @@ class Router:
         """Stop the request in its engine. A no-op once the request has ended."""
         if handle.done:
             return
-        link = self._links[handle.replica_id]
-        self._retire(link, handle, FinishReason.CANCELLED.value)
-        if link.routable:
-            link.send_abort(handle.engine_id)
+        self._retire(handle, FinishReason.CANCELLED.value)
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -378,7 +406,7 @@ class Router:
             else:
                 handle.push(out)
             if out.finished:
-                self._retire(link, handle, out.finish_reason.value)
+                self._retire(handle, out.finish_reason.value, engine_done=True)
 
     def _record_tokens(self, handle: RequestHandle, out: RequestOutput, now: float) -> None:
         if not out.token_ids:
@@ -390,12 +418,18 @@ class Router:
                                      handle.num_prompt_tokens, out.queued_s)
         handle.last_token_at = now
         handle.generated += len(out.token_ids)
+        handle.output_token_ids += out.token_ids
         self.metrics.tokens(handle.replica_id, len(out.token_ids), gap)
 
-    def _retire(self, link: _ReplicaLink, handle: RequestHandle, reason: str) -> None:
-        """The request is no longer in flight (it stops counting for admission and routing)."""
+    def _retire(self, handle: RequestHandle, reason: str, engine_done: bool = False) -> None:
+        """The request is no longer in flight (it stops counting for routing), and is aborted in
+        its engine unless the engine ended it (or its replica is out of routing)."""
         handle.done = True
-        link.inflight.pop(handle.engine_id, None)
+        self._stop_waiting(handle)
+        link = self._links[handle.replica_id] if handle.replica_id >= 0 else None
+        if link is not None and link.inflight.pop(handle.engine_id, None) is not None:
+            if not engine_done and link.routable:
+                link.send_abort(handle.engine_id)
         if handle.timer is not None:
             handle.timer.cancel()
         self.metrics.request_finished(handle.replica_id, reason, time.monotonic() - handle.admitted_at)
@@ -405,10 +439,7 @@ class Router:
             return
         handle.push(RequestTimeout(f"request_timeout_s ({timeout_s:g} s) passed before the "
                                    "request finished"))
-        link = self._links[handle.replica_id]
-        self._retire(link, handle, "timeout")
-        if link.routable:
-            link.send_abort(handle.engine_id)
+        self._retire(handle, "timeout")
 
     def _fail_replica(self, link: _ReplicaLink, message: str) -> None:
         replica_id = link.replica_id
@@ -418,10 +449,11 @@ class Router:
         link.routable, link.failure = False, message
         link.replica.healthy = False
         link.replica.failure = link.replica.failure or message
-        for handle in list(link.inflight.values()):
-            handle.push(ReplicaUnavailable(f"replica {replica_id} failed: {message}"))
-            self._retire(link, handle, "replica_failed")
+        moving = list(link.inflight.values())
+        link.inflight.clear()
         link.stop()
+        for handle in moving:
+            self._fail_over(handle, f"replica {replica_id} failed: {message}")
         self.metrics.replica_failed(replica_id)
         self.metrics.replica_stats(replica_id, {})  # nothing runs there any more
         self._on_health(self.serving)
@@ -434,7 +466,38 @@ class Router:
         self._links[replica.replica_id] = link
         link.start()
         self.metrics.replica_restarted(replica.replica_id)
+        for handle in list(self._waiting.values()):
+            self._send(handle, self._least_loaded([l for l in self._links if l.routable]))
         self._on_health(self.serving)
+
+    def _fail_over(self, handle: RequestHandle, reason: str) -> None:
+        """Loop thread: `handle`'s replica failed. It resumes on the least loaded healthy replica,
+        or waits for a rebuild, unless it has used up its retries or nothing will come back."""
+        handle.failures += 1
+        self.metrics.request_failover(handle.replica_id)
+        if handle.failures > self.max_retries:
+            return self._give_up(handle, f"{reason}; the request gave up after {handle.failures} "
+                                         f"replica failures (server.max_request_retries {self.max_retries})")
+        live = [l for l in self._links if l.routable]
+        if live:
+            log.info("request %s resumes on replica %d after %d tokens (%s)", handle.request_id,
+                     self._least_loaded(live).replica_id, len(handle.output_token_ids), reason)
+            return self._send(handle, self._least_loaded(live))
+        if not self.rebuild or self._closed:
+            return self._give_up(handle, f"{reason}; no other replica, and failed replicas are not rebuilt")
+        self._waiting[handle.engine_id] = handle
+        handle.waiting = self._loop.call_later(
+            PARK_LIMIT_S, self._give_up, handle, f"{reason}; no replica came back within {PARK_LIMIT_S:g} s")
+
+    def _stop_waiting(self, handle: RequestHandle) -> None:
+        if handle.waiting is not None:
+            handle.waiting.cancel()
+            handle.waiting = None
+            self._waiting.pop(handle.engine_id, None)
+
+    def _give_up(self, handle: RequestHandle, message: str) -> None:
+        handle.push(ReplicaUnavailable(message))
+        self._retire(handle, "replica_failed")
 
     def _failures(self) -> str:
         return "; ".join(f"replica {l.replica_id}: {l.failure}" for l in self._links) or "none started"

@@ -316,7 +316,7 @@ def test_unknown_key_without_a_close_match_lists_the_known_ones():
     assert str(info.value) == ("<string>: server.zzz: unknown field (known: host, port, "
                                "metrics_port, max_queued_requests, max_concurrent_requests, "
                                "max_stop_strings, max_stop_string_length, request_timeout_s, "
-                               "rebuild_failed_replicas, tls_cert_file, tls_key_file, "
+                               "rebuild_failed_replicas, max_request_retries, tls_cert_file, tls_key_file, "
                                "tls_client_ca_file, auth_token_file, auth_token_env, "
                                "health_without_token, reflection_without_token, "
                                "max_concurrent_streams, keepalive_time_s, keepalive_timeout_s, "

@@ -25,7 +25,7 @@ import torch
 
 from cluster import router as router_module
 from cluster.metrics import Metrics
-from cluster.router import AdmissionPolicy, Overloaded, Router
+from cluster.router import AdmissionPolicy, Overloaded, ReplicaUnavailable, Router
 from cluster.validation import GenerateJob
 from sharding import pinning
 from sharding.group import SHM_CAPACITY_BYTES, resolve_backend
@@ -141,6 +141,142 @@ def test_a_stale_failure_report_does_not_take_out_the_rebuilt_replica(fake_ray):
             text = router.metrics.registry.get_sample_value
             assert text("tpserve_replica_failures_total", {"replica": "0"}) == 2
             assert text("tpserve_replica_restarts_total", {"replica": "0"}) == 1
+        finally:
+            await router.close(0)
+
+    asyncio.run(scenario())
+
+
+# -- failover: a failed replica's requests resume elsewhere -----------------------------------------
+
+
+class ManualHead(FakeHead):
+    """Rank 0 of a replica whose outputs the test writes (`emit`); it keeps what it was sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests: list = []
+        self.aborted: list = []
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.submit = _Remote(lambda batch: self.requests.extend(batch))
+        self.abort = _Remote(lambda ids: self.aborted.extend(ids))
+
+    def emit(self, request, tokens, finished=False):
+        done = len(request.output_token_ids) + len(tokens)
+        self._outbox.put(RequestOutput(request.request_id, tokens, finish_reason=FinishReason.LENGTH if finished
+                                       else None, num_prompt_tokens=len(request.prompt_token_ids),
+                                       num_output_tokens=done))
+
+    def _poll(self, timeout_s):
+        try:
+            return SimpleNamespace(outputs=[self._outbox.get(timeout=timeout_s)], failure=None)
+        except queue.Empty:
+            return SimpleNamespace(outputs=[], failure=None)
+
+
+class RebuildingController(FakeController):
+    def __init__(self, replicas: int):
+        self.replicas = [self.manual(i) for i in range(replicas)]
+        self.restarts = 0
+
+    @staticmethod
+    def manual(replica_id: int):
+        return SimpleNamespace(replica_id=replica_id, head=ManualHead(), healthy=True, failure=None, nodes=[])
+
+    def restart(self, replica_id: int):
+        self.restarts += 1
+        self.replicas[replica_id] = self.manual(replica_id)
+        return self.replicas[replica_id]
+
+
+async def _until(condition, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def _tokens(outputs):
+    return [t for out in outputs for t in out.token_ids]
+
+
+def test_a_failed_replicas_request_resumes_on_another_with_the_tokens_it_streamed(fake_ray):
+    async def scenario():
+        controller = RebuildingController(2)
+        router = Router(controller, AdmissionPolicy(4, 4), Metrics())
+        router.start(asyncio.get_running_loop())
+        first, second = (r.head for r in controller.replicas)
+        try:
+            handle = router.submit(_job("a"))
+            await _until(lambda: first.requests)
+            (req,) = first.requests
+            first.emit(req, [5, 6])
+            got = await handle.next()
+            router._fail_replica(router._links[0], "rank 1 died")
+            await _until(lambda: second.requests)
+            (resumed,) = second.requests
+            assert resumed.output_token_ids == [5, 6] and resumed.prompt_token_ids == [1, 2, 3]
+            assert resumed.request_id != req.request_id  # a new attempt: late outputs of the old one are ignored
+            second.emit(resumed, [7], finished=True)
+            got += await handle.next()
+            assert _tokens(got) == [5, 6, 7] and got[-1].finished and got[-1].num_output_tokens == 3
+            assert handle.replica_id == 1 and handle.failures == 1
+            value = router.metrics.registry.get_sample_value
+            assert value("tpserve_request_failovers_total", {"replica": "0"}) == 1
+            router.release(handle)
+        finally:
+            await router.close(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_waits_for_the_rebuild_when_no_replica_is_left(fake_ray):
+    async def scenario():
+        controller = RebuildingController(1)
+        router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=True)
+        router.start(asyncio.get_running_loop())
+        try:
+            head = controller.replicas[0].head
+            handle = router.submit(_job("a"))
+            await _until(lambda: head.requests)
+            head.emit(head.requests[0], [5])
+            await handle.next()
+            controller.replicas[0].healthy = False  # what the controller's check finds
+            controller.replicas[0].failure = "rank 0 is not running"
+            await _until(lambda: router._links[0].replica is not controller.replicas[0] or router._waiting)
+            await _until(lambda: controller.restarts == 1 and controller.replicas[0].head.requests)
+            rebuilt = controller.replicas[0].head
+            (resumed,) = rebuilt.requests
+            assert resumed.output_token_ids == [5] and not router._waiting
+            rebuilt.emit(resumed, [8], finished=True)
+            assert _tokens(await handle.next()) == [8]
+            router.release(handle)
+        finally:
+            await router.close(0)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("retries,rebuild", [(0, False), (2, False)])
+def test_a_request_ends_unavailable_when_it_cannot_fail_over(fake_ray, retries, rebuild):
+    """Past its retries, or with no replica left and none rebuilt, a request ends UNAVAILABLE."""
+    async def scenario():
+        controller = RebuildingController(2)
+        router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=rebuild, max_retries=retries)
+        router.start(asyncio.get_running_loop())
+        try:
+            handle = router.submit(_job("a"))
+            router._fail_replica(router._links[0], "rank 1 died")
+            if retries:
+                assert not handle.done and handle.replica_id == 1
+                router._fail_replica(router._links[1], "rank 0 died")
+            with pytest.raises(ReplicaUnavailable) as err:
+                await handle.next()
+            expect = ("gave up after 1 replica failures" if not retries
+                      else "no other replica, and failed replicas are not rebuilt")
+            assert expect in str(err.value) and handle.done
+            router.release(handle)
+            assert router._admitted == 0 and not router._in_flight()
         finally:
             await router.close(0)
 
