@@ -439,12 +439,14 @@ def test_server_request_timeout_applies_to_calls_without_a_deadline_only(pair):
 
 
 def test_a_killed_workers_requests_resume_on_the_other_replica(pair):
-    """Two replicas, rank 1 of replica 0 killed while four greedy streams run: none fails, each
-    output equals its undisturbed one, usage included; the other replica serves on."""
+    """Two replicas, rank 1 of replica 0 killed while four streams run, two greedy and two seeded:
+    none fails, each output equals its undisturbed one, usage included; the other replica serves
+    on."""
     prompts = [f"Story {i}:" for i in range(4)]
+    params = [GREEDY, dict(temperature=0.8, top_p=0.95, seed=11), dict(temperature=0.8, seed=12), GREEDY]
     with Client(pair.address, timeout=120) as c:
-        undisturbed = [c.generate(p, max_tokens=64, ignore_eos=True, **GREEDY) for p in prompts]
-        streams = [c.stream(p, max_tokens=64, ignore_eos=True, **GREEDY).start() for p in prompts]
+        undisturbed = [c.generate(p, max_tokens=64, ignore_eos=True, **kw) for p, kw in zip(prompts, params)]
+        streams = [c.stream(p, max_tokens=64, ignore_eos=True, **kw).start() for p, kw in zip(prompts, params)]
         assert sorted(s.replica_id for s in streams) == [0, 0, 1, 1]  # least outstanding work
         firsts = [next(s) for s in streams]  # every request is decoding
         victim = pair.server.controller.replicas[0]
