@@ -51,8 +51,11 @@ class Replica:
     nodes: list[dict]  # node_info() of each rank
     backend: str
     placement: object = field(repr=False)
+    # Health belongs to the controller: only `Controller.check` and `Controller.report_failure`
+    # write it; the router and ModelInfo read it.
     healthy: bool = True
     failure: str | None = None
+    generation: int = 0  # 0 for the first incarnation of this replica id, +1 per rebuild
 
     @property
     def head(self):
@@ -96,6 +99,7 @@ class Controller:
         self.deployment_id = uuid.uuid4().hex[:8]  # names this deployment's placement groups
         self._placements = 0
         self._lifecycle = threading.Lock()  # restart (a monitor's thread) vs shutdown
+        self._health = threading.Lock()  # replica health: check (monitor thread) vs reports (loop)
         self._closed = False
 
     def _gpus_available(self, cfg: DeploymentConfig) -> bool:
@@ -136,17 +140,32 @@ class Controller:
             except Exception as exc:  # RayActorError, GetTimeoutError
                 bad = [f"{type(exc).__name__}: {exc}"]
             if bad:
-                replica.healthy, replica.failure = False, bad[0]
+                self.report_failure(replica.replica_id, replica.generation, bad[0])
         return self.replicas
+
+    def report_failure(self, replica_id: int, generation: int, message: str) -> bool:
+        """Marks incarnation `generation` of replica `replica_id` failed. A report about an
+        incarnation already replaced by a rebuild is ignored (False); so is one about a replica
+        already marked failed, whose first failure stays its message."""
+        with self._health:
+            replica = self.replicas[replica_id] if replica_id < len(self.replicas) else None
+            if replica is None or replica.generation != generation or not replica.healthy:
+                return False
+            replica.healthy, replica.failure = False, message
+            return True
 
     def restart(self, replica_id: int, progress=None) -> Replica:
         """Replaces a replica with a fresh one: new placement group, actors, process group."""
         with self._lifecycle:
             if self._closed:
                 raise DeploymentError("the deployment is shut down")
-            self._stop_replica(self.replicas[replica_id])
-            self.replicas[replica_id] = self._start_replica(replica_id, progress)
-            return self.replicas[replica_id]
+            old = self.replicas[replica_id]
+            self._stop_replica(old)
+            fresh = self._start_replica(replica_id, progress)
+            fresh.generation = old.generation + 1
+            with self._health:
+                self.replicas[replica_id] = fresh
+            return fresh
 
     # -- steps ----------------------------------------------------------------------------------
     def _connect_ray(self, cfg: DeploymentConfig) -> None:

@@ -445,10 +445,10 @@ class Router:
         replica_id = link.replica_id
         if self._links[replica_id] is not link or not link.routable:
             return  # about an incarnation already replaced, or already out of routing
-        log.error("replica %d taken out of routing: %s", replica_id, message)
+        generation = getattr(link.replica, "generation", 0)
+        log.error("replica %d (generation %d) taken out of routing: %s", replica_id, generation, message)
         link.routable, link.failure = False, message
-        link.replica.healthy = False
-        link.replica.failure = link.replica.failure or message
+        self.controller.report_failure(replica_id, generation, message)  # the controller owns health
         moving = list(link.inflight.values())
         link.inflight.clear()
         link.stop()

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from cluster import router as router_module
+from cluster.controller import Controller
 from cluster.metrics import Metrics
 from cluster.router import AdmissionPolicy, Overloaded, ReplicaUnavailable, Router
 from cluster.validation import GenerateJob
@@ -66,16 +67,25 @@ class FakeHead:
         return SimpleNamespace(outputs=outputs, failure=None)
 
 
+_generations = iter(range(1000))
+
+
 class FakeController:
+    """Owns its replicas' health like `cluster.controller.Controller`: reports name a generation."""
+
     def __init__(self, replicas: int = 1):
         self.replicas = [self.fresh(i) for i in range(replicas)]
 
     @staticmethod
-    def fresh(replica_id: int):
-        return SimpleNamespace(replica_id=replica_id, head=FakeHead(), healthy=True, failure=None, nodes=[])
+    def fresh(replica_id: int, head=None):
+        return SimpleNamespace(replica_id=replica_id, head=head or FakeHead(), healthy=True, failure=None,
+                               nodes=[], generation=next(_generations))
 
     def check(self):
         return self.replicas
+
+    report_failure = Controller.report_failure
+    _health = threading.Lock()
 
 
 @pytest.fixture
@@ -147,6 +157,18 @@ def test_a_stale_failure_report_does_not_take_out_the_rebuilt_replica(fake_ray):
     asyncio.run(scenario())
 
 
+def test_the_controller_alone_marks_a_replica_failed_and_only_its_current_generation():
+    controller = FakeController(2)
+    old = controller.replicas[0]
+    assert controller.report_failure(0, old.generation, "rank 1 died")
+    assert not controller.report_failure(0, old.generation, "poll failed")  # the first failure stays
+    assert (old.healthy, old.failure) == (False, "rank 1 died")
+    new = controller.replicas[0] = FakeController.fresh(0)
+    assert not controller.report_failure(0, old.generation, "late report about the old one")
+    assert new.healthy and controller.replicas[1].healthy
+    assert controller.report_failure(0, new.generation, "rank 0 died") and not new.healthy
+
+
 # -- failover: a failed replica's requests resume elsewhere -----------------------------------------
 
 
@@ -181,7 +203,7 @@ class RebuildingController(FakeController):
 
     @staticmethod
     def manual(replica_id: int):
-        return SimpleNamespace(replica_id=replica_id, head=ManualHead(), healthy=True, failure=None, nodes=[])
+        return FakeController.fresh(replica_id, ManualHead())
 
     def restart(self, replica_id: int):
         self.restarts += 1
