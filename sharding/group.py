@@ -33,6 +33,27 @@ log = logging.getLogger("tpserve.group")
 SHM_CAPACITY_BYTES = 4 << 20  # the shared-memory communicator's largest chunk per rank and step
 
 
+def interface_with_address(ip: str) -> str | None:
+    """The name of this host's network interface that holds IPv4 address `ip` (Linux), or None.
+
+    Gloo picks its interface by resolving the host name, which inside containers and on many
+    distributions gives a loopback address, and then advertises that address to the other hosts;
+    ranks point it (GLOO_SOCKET_IFNAME) at the interface of the address Ray knows the node by."""
+    import fcntl
+    import struct
+
+    SIOCGIFADDR = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on it
+            if socket.inet_ntoa(raw[20:24]) == ip:
+                return name
+    return None
+
+
 def open_store(host: str, port: int, world_size: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
     """The rendezvous store; on rank 0 with port 0 the OS picks a free port (read it from `.port`).
 

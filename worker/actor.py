@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from sharding.arch import ModelConfig
-from sharding.group import TPGroup, open_store
+from sharding.group import TPGroup, interface_with_address, open_store
 from sharding.pinning import claim_cores
 from sharding.plan import RankPlan
 from sharding.shm import ShmCommunicator
@@ -174,11 +174,17 @@ class RankWorker:
         import ipaddress
 
         s = self.spec
+        # Read by torch when the gloo group is created, in this rank's own process.
         if ipaddress.ip_address(host).is_loopback:
             # The controller puts the store on loopback exactly when every rank is on this node;
             # then gloo listens on loopback too, not on the address the host name resolves to.
-            # Read by torch when the gloo group is created, in this rank's own process.
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        elif "GLOO_SOCKET_IFNAME" not in os.environ:  # an operator's own choice stands
+            import ray
+
+            ifname = interface_with_address(ray.util.get_node_ip_address())
+            if ifname is not None:  # across hosts: the interface of the address Ray knows us by
+                os.environ["GLOO_SOCKET_IFNAME"] = ifname
         store = self._store or open_store(host, port, s.world_size, False, s.collective_timeout_s)
         self.group = TPGroup.connect(store, s.rank, s.world_size, self.device, backend=backend,
                                      timeout_s=s.collective_timeout_s, tag=f"replica{s.replica_id}")
