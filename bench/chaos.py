@@ -134,7 +134,8 @@ def main() -> int:
     cfg = DeploymentConfig.for_model(
         str(resolve_model(DEFAULT_MODEL)), replicas=2, tensor_parallel_size=args.tp, type="cpu", backend="gloo",
         max_batch_size=16, max_tokens_per_step=256, max_model_len=512, kv_cache_tokens=8192,
-        host="127.0.0.1", port=0, rebuild_failed_replicas=True)
+        host="127.0.0.1", port=0, rebuild_failed_replicas=True,
+        num_cpus=max(2 * args.tp, os.cpu_count() or 1))  # Ray CPUs: every rank gets one, cores or not
     reqs = pool(args.pool, args.seed)
     with ServerThread(cfg) as server:
         print(f"reference: {len(reqs)} requests, undisturbed", flush=True)
