@@ -267,6 +267,8 @@ class ServerSettings:
     # A request whose replica fails moves to another (or the rebuilt) one and resumes where it
     # was, this many times; one more failure ends it with UNAVAILABLE.
     max_request_retries: int = _field(_count, 2)
+    # How long such a request, or a new one, waits when every replica is down and being rebuilt.
+    failover_wait_s: float = _field(_positive_number, 120.0)
     # TLS (cluster/auth.py reads and checks the files when the server is built, before the
     # cluster starts): the certificate chain and its key, both or neither; with a client CA,
     # clients must present a certificate it signed (mutual TLS).

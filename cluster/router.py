@@ -39,8 +39,8 @@ actors, process group, weights), retrying with backoff; once it is up it takes r
 `on_health(True)` follows if every replica is routable.
 
 Failover: the failed replica's requests do not fail. Each moves to the healthy replica with the
-least load, or, when none is left, waits for a rebuild (at most `PARK_LIMIT_S`, and never past its
-own timeout). It is resubmitted under a new engine id with the tokens it already streamed
+least load, or, when none is left, waits for a rebuild (at most `wait_s`, server.failover_wait_s,
+and never past its own timeout). It is resubmitted under a new engine id with the tokens it already streamed
 (`Request.output_token_ids`): the engine prefills prompt + those tokens and continues from there,
 with penalties, stop strings, min/max_tokens, usage and the seeded stream's position where they
 were, so the client's stream only pauses and a greedy or seeded output equals an undisturbed run.
@@ -76,7 +76,6 @@ RAY_CALL_TIMEOUT_S = 15.0  # a submit/abort/poll call that takes longer marks it
 MONITOR_INTERVAL_S = 1.0  # health check and stats refresh period
 STATS_TIMEOUT_S = 5.0
 REBUILD_RETRY_S = (5.0, 15.0, 60.0)  # waits after failed rebuild attempts; the last one repeats
-PARK_LIMIT_S = 120.0  # longest a failed-over request waits for a replica to come back
 
 
 class Overloaded(Exception):
@@ -272,12 +271,13 @@ def _runs(ops: list[tuple[str, object]]):
 class Router:
     def __init__(self, controller, policy: AdmissionPolicy, metrics,
                  on_health: Callable[[bool], None] | None = None, rebuild: bool = False,
-                 max_retries: int = 2):
+                 max_retries: int = 2, wait_s: float = 120.0):
         self.controller = controller
         self.policy = policy
         self.metrics = metrics
         self.rebuild = rebuild
         self.max_retries = max_retries
+        self.wait_s = wait_s  # longest a request waits for a replica to come back
         self._waiting: dict[str, RequestHandle] = {}  # failed over, waiting for a replica (by engine id)
         self._rebuilding: set[int] = set()  # replica ids with a rebuild thread (monitor side)
         self._on_health = on_health or (lambda serving: None)
@@ -337,18 +337,21 @@ class Router:
         if self._closed:
             raise ReplicaUnavailable("the server is shutting down")
         live = [link for link in self._links if link.routable]
-        if not live:
+        if not live and not (self.rebuild and self._links):
             raise ReplicaUnavailable(f"no healthy replica: {self._failures()}")
         limit = self.policy.limit(len(live))
         if self._admitted >= limit:
             raise Overloaded(f"server at capacity: {self._admitted} requests admitted (running, queued "
                              f"or still being written to their clients), limit {limit} = "
                              f"{self.policy.explain(len(live))}; retry later")
-        handle = RequestHandle(job, "", -1)
+        handle = RequestHandle(job, f"{job.request_id}#{next(self._ids)}", -1)
         self._admitted += 1
         if timeout_s is not None:
             handle.timer = self._loop.call_later(timeout_s, self._expire, handle, timeout_s)
-        self._send(handle, self._least_loaded(live))
+        if live:
+            self._send(handle, self._least_loaded(live))
+        else:  # every replica is down and being rebuilt: wait for one, like a failed-over request
+            self._wait(handle, f"no healthy replica: {self._failures()}")
         return handle
 
     @staticmethod
@@ -485,9 +488,13 @@ class Router:
             return self._send(handle, self._least_loaded(live))
         if not self.rebuild or self._closed:
             return self._give_up(handle, f"{reason}; no other replica, and failed replicas are not rebuilt")
+        self._wait(handle, reason)
+
+    def _wait(self, handle: RequestHandle, reason: str) -> None:
+        """`handle` waits for a replica to come back (`_revive` sends it), at most `wait_s`."""
         self._waiting[handle.engine_id] = handle
         handle.waiting = self._loop.call_later(
-            PARK_LIMIT_S, self._give_up, handle, f"{reason}; no replica came back within {PARK_LIMIT_S:g} s")
+            self.wait_s, self._give_up, handle, f"{reason}; no replica came back within {self.wait_s:g} s")
 
     def _stop_waiting(self, handle: RequestHandle) -> None:
         if handle.waiting is not None:

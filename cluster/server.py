@@ -74,7 +74,7 @@ class Server:
         self._health = health.aio.HealthServicer()
         self.router = Router(self.controller, AdmissionPolicy.from_config(self.cfg), self.metrics,
                              on_health=self._health_changed, rebuild=s.rebuild_failed_replicas,
-                             max_retries=s.max_request_retries)
+                             max_retries=s.max_request_retries, wait_s=s.failover_wait_s)
         self.router.start(asyncio.get_running_loop())
         self._servicer = TPServeServicer(self.router, validator, describe_model(self.controller, validator),
                                          request_timeout_s=s.request_timeout_s, metrics=self.metrics)

@@ -279,6 +279,54 @@ def test_a_request_waits_for_the_rebuild_when_no_replica_is_left(fake_ray):
     asyncio.run(scenario())
 
 
+def test_a_new_request_waits_while_every_replica_is_being_rebuilt(fake_ray):
+    async def scenario():
+        controller = RebuildingController(1)
+        release = threading.Event()
+        restart = controller.restart
+        controller.restart = lambda rid: release.wait(10) and restart(rid)  # the rebuild takes a while
+        router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=True, wait_s=30)
+        router.start(asyncio.get_running_loop())
+        try:
+            router._fail_replica(router._links[0], "rank 0 died")
+            handle = router.submit(_job("new"))  # nothing is up: it waits instead of failing
+            assert handle.waiting is not None and not handle.done
+            release.set()
+            await _until(lambda: controller.restarts == 1 and controller.replicas[0].head.requests)
+            head = controller.replicas[0].head
+            (req,) = head.requests
+            assert req.output_token_ids == [] and req.prompt_token_ids == [1, 2, 3]
+            head.emit(req, [4], finished=True)
+            assert _tokens(await handle.next()) == [4]
+            router.release(handle)
+        finally:
+            release.set()
+            await router.close(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_request_gives_up_after_failover_wait_s(fake_ray):
+    async def scenario():
+        controller = RebuildingController(1)
+        release = threading.Event()
+        controller.restart = lambda rid: release.wait(10) and None
+        router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=True, wait_s=0.2)
+        router.start(asyncio.get_running_loop())
+        try:
+            router._fail_replica(router._links[0], "rank 0 died")
+            handle = router.submit(_job("new"))
+            with pytest.raises(ReplicaUnavailable, match="no replica came back within 0.2 s"):
+                await handle.next()
+            router.release(handle)
+            assert router._admitted == 0 and not router._waiting
+        finally:
+            release.set()
+            await router.close(0)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("retries,rebuild", [(0, False), (2, False)])
 def test_a_request_ends_unavailable_when_it_cannot_fail_over(fake_ray, retries, rebuild):
     """Past its retries, or with no replica left and none rebuilt, a request ends UNAVAILABLE."""
