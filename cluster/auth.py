@@ -71,11 +71,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if header is None:
             return "missing bearer token (send metadata 'authorization: Bearer <token>')"
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not self._known(token.strip()):
+        if scheme.lower() != "bearer" or not self.known(token.strip()):
             return "invalid bearer token"
         return None
 
-    def _known(self, token: str) -> bool:
+    def known(self, token: str) -> bool:
         presented = _digest(token)
         found = False
         for digest in self._digests:  # every one, in constant time: no early exit on a match
@@ -120,6 +120,12 @@ class ServerSecurity:
         transport = ("plaintext" if credentials is None else
                      "mutual TLS" if s.tls_client_ca_file is not None else "TLS")
         return cls(credentials, interceptors, transport)
+
+    @property
+    def token_check(self):
+        """`check(token) -> bool` with the same tokens and comparison as the gRPC side, for the
+        HTTP API; None when no token is asked for."""
+        return self.interceptors[0].known if self.interceptors else None
 
     @property
     def description(self) -> str:

@@ -293,6 +293,15 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The OpenAI-compatible HTTP API (cluster/openai_api.py), served beside gRPC by the same
+    process with the server section's TLS and tokens."""
+    enabled: bool = _field(_flag, False)
+    host: str | None = _field(_optional(_text), None)  # None = server.host
+    port: int = _field(_port, 8000)  # 0 = pick a free one
+
+
+@dataclass(frozen=True)
 class DeploymentConfig:
     model: ModelSettings
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
@@ -300,6 +309,7 @@ class DeploymentConfig:
     device: DeviceSettings = field(default_factory=DeviceSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     source: str = field(default="<config>", compare=False)  # the file, for later error messages
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -327,10 +337,14 @@ class DeploymentConfig:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelSettings, "parallel": ParallelSettings, "ray": RaySettings,
-    "device": DeviceSettings, "engine": EngineSettings, "server": ServerSettings,
+    "device": DeviceSettings, "engine": EngineSettings, "server": ServerSettings, "http": HttpSettings,
 }
-# Field names are unique across sections, so `for_model` can take them flat.
-_FIELD_SECTION = {f.name: s for s, cls in _SECTIONS.items() for f in fields(cls)}
+# Field names are unique across sections, so `for_model` can take them flat; the one exception,
+# http's host and port, stays with `server` (give `http={...}` for those).
+_FIELD_SECTION: dict[str, str] = {}
+for _section, _cls in _SECTIONS.items():
+    for _f in fields(_cls):
+        _FIELD_SECTION.setdefault(_f.name, _section)
 
 
 # --- reading ---
@@ -450,6 +464,7 @@ def _check_cross_fields(cfg: DeploymentConfig) -> None:
     _check_device(cfg.device)
     _check_ray(cfg)
     _check_server(cfg.server)
+    _check_http(cfg.http, cfg.server)
 
 
 def _check_engine(e: EngineSettings) -> None:
@@ -494,6 +509,12 @@ def _check_ray(cfg: DeploymentConfig) -> None:
     if ray.address is None and p.placement == "strict_spread" and p.tensor_parallel_size > 1:
         raise ConfigError("parallel.placement", "strict_spread needs one node per rank, but an "
                           "embedded Ray is one node (set ray.address)", p.placement)
+
+
+def _check_http(h: HttpSettings, s: ServerSettings) -> None:
+    if h.enabled and h.port and (h.host or s.host) == s.host and h.port in (s.port, s.metrics_port):
+        raise ConfigError("http.port", f"must differ from server.port ({s.port}) and server.metrics_port "
+                          f"({s.metrics_port})", h.port)
 
 
 def _check_server(s: ServerSettings) -> None:

@@ -22,11 +22,14 @@ TLS (mutual with a client CA) and bearer tokens come from the config through `Se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
+import ssl
 import sys
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,6 +38,7 @@ from cluster.config import DeploymentConfig, ServerSettings
 from cluster.controller import Controller
 from cluster.frontend import SERVICE, TPServeServicer, add_to_server, describe_model
 from cluster.metrics import Metrics
+from cluster.openai_api import build_app
 from cluster.router import AdmissionPolicy, Router
 from cluster.validation import Limits, RequestValidator
 
@@ -58,6 +62,9 @@ class Server:
         self.router: Router | None = None
         self._grpc: grpc.aio.Server | None = None
         self._servicer: TPServeServicer | None = None
+        self._http: _HttpServer | None = None
+        self._http_task: asyncio.Future | None = None
+        self.http_address: str | None = None  # the OpenAI-compatible API, when http.enabled
         self._health: health.aio.HealthServicer | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -84,6 +91,8 @@ class Server:
         self.address = listen(self._grpc, s.host, s.port, self.security.credentials)
         await self._grpc.start()
         await self._set_health(self.router.serving)
+        if self.cfg.http.enabled:
+            await self._start_http()
         if s.metrics_port is not None:
             try:
                 self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
@@ -100,6 +109,10 @@ class Server:
             await self.router.close(grace_s)
         if self._grpc is not None:
             await self._grpc.stop(FINAL_MESSAGE_GRACE_S)
+        if self._http is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, FINAL_MESSAGE_GRACE_S + 5)
         if self._servicer is not None:
             self._servicer.close()
         self.metrics.close()
@@ -108,6 +121,38 @@ class Server:
         self.controller.shutdown()
 
     # -- helpers ------------------------------------------------------------------------------
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible API on uvicorn, on this event loop, with the gRPC side's TLS
+        files and tokens."""
+        h, s = self.cfg.http, self.cfg.server
+        host = h.host or s.host
+        app = build_app(self._servicer, self.router, self.cfg.model.name, self.security.token_check,
+                        open_health=s.health_without_token, metrics=self.metrics)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), h.port))
+        except OSError as err:
+            sock.close()
+            raise ServeError(f"http.port: cannot listen on {host}:{h.port}: {err.strerror or err}") from None
+        tls = {}
+        if s.tls_cert_file is not None:
+            tls = dict(ssl_certfile=s.tls_cert_file, ssl_keyfile=s.tls_key_file)
+            if s.tls_client_ca_file is not None:
+                tls.update(ssl_ca_certs=s.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                timeout_graceful_shutdown=FINAL_MESSAGE_GRACE_S, **tls)
+        self._http = _HttpServer(config)
+        self._http_task = asyncio.ensure_future(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises what stopped it
+                raise ServeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+        port = sock.getsockname()[1]
+        self.http_address = f"{'https' if tls else 'http'}://{host}:{port}"
+
     def _health_changed(self, serving: bool) -> None:
         """Called on the loop by the router; the task is kept until done (the loop holds only a
         weak reference to it)."""
@@ -119,6 +164,15 @@ class Server:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in HEALTH_SERVICES:
             await self._health.set(service, status)
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn's server without its signal handling: `tpserve serve` handles SIGINT and SIGTERM
+    itself and stops the HTTP side with the rest."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
 
 
 def grpc_server(s: ServerSettings, security: ServerSecurity) -> grpc.aio.Server:
@@ -194,7 +248,7 @@ class LoadProgress:
 
 def run(cfg: DeploymentConfig, *, grace_s: float = DEFAULT_GRACE_S) -> None:
     """Serve until SIGINT or SIGTERM, then stop gracefully and release the cluster."""
-    check_ports_free(cfg.server)  # fail before spending a minute on starting replicas
+    check_ports_free(cfg.server, cfg.http)  # fail before spending a minute on starting replicas
     server = Server(cfg)
     try:
         progress = LoadProgress()
@@ -207,18 +261,21 @@ def run(cfg: DeploymentConfig, *, grace_s: float = DEFAULT_GRACE_S) -> None:
         server.shutdown_cluster()
 
 
-def check_ports_free(s) -> None:
-    """Raise ServeError when server.port or server.metrics_port is already taken."""
-    for name, port in (("server.port", s.port), ("server.metrics_port", s.metrics_port)):
+def check_ports_free(s, h=None) -> None:
+    """Raise ServeError when server.port, server.metrics_port or http.port is already taken."""
+    ports = [("server.port", s.host, s.port), ("server.metrics_port", s.host, s.metrics_port)]
+    if h is not None and h.enabled:
+        ports.append(("http.port", h.host or s.host, h.port))
+    for name, host, port in ports:
         if not port:
             continue  # none, or 0 = any free port
-        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
             try:
-                probe.bind((s.host.strip("[]"), port))
+                probe.bind((host.strip("[]"), port))
             except OSError as err:
-                raise ServeError(f"{name}: cannot listen on {s.host}:{port}: {err.strerror}") from None
+                raise ServeError(f"{name}: cannot listen on {host}:{port}: {err.strerror}") from None
 
 
 async def _serve_until_signal(server: Server, grace_s: float) -> None:
@@ -230,6 +287,8 @@ async def _serve_until_signal(server: Server, grace_s: float) -> None:
         await server.start()
         c = server.cfg
         metrics = f"; metrics on http://{c.server.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        if server.http_address:
+            metrics += f"; OpenAI-compatible HTTP on {server.http_address}/v1"
         print(f"tpserve: serving {c.model.name} on {server.address} ({c.parallel.replicas} × TP "
               f"{c.parallel.tensor_parallel_size}, {c.device.type}; {server.security.description})"
               f"{metrics}", file=sys.stderr, flush=True)

@@ -113,7 +113,7 @@ def test_objects_are_frozen():
 def test_to_dict_is_plain_and_round_trips():
     cfg = load_config(CONFIGS / "default.yaml")
     d = cfg.to_dict()
-    assert list(d) == ["model", "parallel", "ray", "device", "engine", "server"]
+    assert list(d) == ["model", "parallel", "ray", "device", "engine", "server", "http"]
     assert d["parallel"]["tensor_parallel_size"] == 2
     assert parse_config(d) == cfg
 
@@ -342,3 +342,13 @@ def test_resolve_refuses_shm_once_auto_becomes_cuda():
     cfg = parse_config({"model": {"path": "m"}, "device": {"backend": "shm"}})
     with pytest.raises(ConfigError, match=r"device.backend: shm is for CPU ranks.*, got 'shm'"):
         resolve(cfg, tiny_model(), cuda_available=True)
+
+
+def test_http_section():
+    cfg = DeploymentConfig.for_model("m", http={"enabled": True, "port": 0}, port=50051)
+    assert (cfg.http.enabled, cfg.http.port, cfg.http.host, cfg.server.port) == (True, 0, None, 50051)
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"path": "m"}, "http": {"enabled": True, "port": 50051}})
+    assert str(info.value) == "<string>: http.port: must differ from server.port (50051) and server.metrics_port (None), got 50051"
+    with pytest.raises(ConfigError, match="http.enabled: must be true or false"):
+        parse_config({"model": {"path": "m"}, "http": {"enabled": "sometimes"}})
