@@ -39,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.api import tpserve_pb2 as pb
 from cluster.router import EngineError, Overloaded, ReplicaUnavailable, RequestHandle, RequestTimeout
@@ -150,6 +151,24 @@ class ChatRequest(_Sampling):
 
 # --- the application -------------------------------------------------------------------------
 
+_ERROR = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"],
+                             "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                            "param": {"type": ["string", "null"]},
+                                            "code": {"type": ["string", "null"]}}}}}}}}
+# What the OpenAPI document says each endpoint may answer (FastAPI's 422 is never sent: a body
+# that does not parse gets 400, OpenAI's status for it).
+GENERATE_RESPONSES = {
+    200: {"description": "the result; with stream=true, server-sent events",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **{code: {"description": what, **_ERROR} for code, what in (
+        (400, "a bad field (param names it)"), (401, "a missing or wrong bearer token"),
+        (404, "a model this server does not serve"), (429, "admission is full"),
+        (500, "the engine failed the request"), (503, "no healthy replica"),
+        (504, "server.request_timeout_s passed"))},
+}
+
 
 def build_app(servicer, router, model_name: str, token_check=None, open_health: bool = True,
               metrics=None) -> FastAPI:
@@ -162,6 +181,14 @@ def build_app(servicer, router, model_name: str, token_check=None, open_health: 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, err: OpenAIError):
         return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        """FastAPI's own refusals (a body that is not JSON, an unknown path or method) in OpenAI's
+        shape too."""
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return JSONResponse(status_code=err.status_code, content=error_body(str(err.detail), kind),
+                            headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, err: RequestValidationError):
@@ -182,25 +209,29 @@ def build_app(servicer, router, model_name: str, token_check=None, open_health: 
                     "authentication_error", code="invalid_api_key"))
         return await call_next(request)
 
-    @app.get("/health")
+    auth_only = {401: GENERATE_RESPONSES[401]}
+
+    @app.get("/health", response_class=PlainTextResponse,
+             responses={503: {"description": "not every replica serves", "content": {"text/plain": {}}},
+                        **auth_only})
     async def health():
         if router.serving:
             return PlainTextResponse("ok")
         return PlainTextResponse("not serving", status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=auth_only)
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         body = generate_latest(metrics.registry) if metrics is not None else b""
         return PlainTextResponse(body.decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=auth_only)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "tpserve"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATE_RESPONSES)
     async def completions(body: CompletionRequest):
         _check_model(body.model, model_name)
         prompts = _prompts(body.prompt)
@@ -211,7 +242,7 @@ def build_app(servicer, router, model_name: str, token_check=None, open_health: 
                           lambda outs, h: _completion_logprobs(outs, servicer) if logprobs is not None else None,
                           chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATE_RESPONSES)
     async def chat(body: ChatRequest):
         _check_model(body.model, model_name)
         if body.max_tokens is None and body.max_completion_tokens is not None:
