@@ -128,12 +128,13 @@ def _ray_start(hosts: Hosts, host: str, env: dict, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     why = _why_no_namespaces()
     if why is not None:
         pytest.skip(why)
     hosts = Hosts()
-    tmp = tmp_path_factory.mktemp("multihost")
+    # short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes
+    tmp = Path(tempfile.mkdtemp(prefix="tpmh", dir="/tmp"))
     # Ray's own token auth, with a token of this test's; RAY_ADDRESS unset so nothing joins the
     # session's test cluster by accident.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -171,6 +172,7 @@ def cluster(tmp_path_factory):
         if server is not None:
             server.kill()
         hosts.down()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_replicas_span_hosts_over_gloo_and_fail_over_when_a_host_is_lost(cluster, smollm2_dir):
