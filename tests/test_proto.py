@@ -3,15 +3,19 @@ the service we mean to serve."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 
 from cluster.api import tpserve_pb2 as pb
 from cluster.api import tpserve_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # RPC name -> (client streaming, server streaming, request type, response type)
 EXPECTED_RPCS = {
@@ -174,3 +178,42 @@ def test_stubs_serve_over_grpc():
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop(grace=None)
+
+
+# -- one environment with the clients users install beside us -----------------------------------
+
+
+def test_the_server_and_a_triton_client_share_one_environment():
+    """`pip install tpserve tritonclient[grpc]`: the test environment is exactly that (tritonclient
+    pins protobuf < 7), and both sides import and work in it."""
+    import google.protobuf
+    import tritonclient.grpc as triton
+
+    import cluster.server  # noqa: F401 - the whole serving side, health and reflection included
+
+    assert int(google.protobuf.__version__.split(".")[0]) == 6
+    request = triton.InferInput("text_input", [1], "BYTES")
+    assert request.name() == "text_input"
+    assert pb.GenerateRequest.FromString(pb.GenerateRequest(prompt="hi").SerializeToString()).prompt == "hi"
+
+
+def test_the_stubs_run_on_protobuf_7(tmp_path):
+    """The other end of the range: protobuf 7 (what a plain `pip install tpserve` gets), in a
+    subprocess that finds it first on its path."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "pb7"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "--no-deps", "--target", str(target), "protobuf>=7,<8"], capture_output=True, text=True)
+    if pip.returncode != 0:
+        pytest.skip(f"protobuf 7 could not be installed here: {pip.stderr.strip()[-300:]}")
+    code = ("import google.protobuf, grpc; from grpc_health.v1 import health_pb2; "
+            "from cluster.api import tpserve_pb2 as pb, tpserve_pb2_grpc; "
+            "r = pb.GenerateRequest(prompt='hi', sampling=pb.SamplingParams(max_tokens=3)); "
+            "assert pb.GenerateRequest.FromString(r.SerializeToString()) == r; "
+            "print(google.protobuf.__version__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().startswith("7.")

@@ -5,7 +5,7 @@ import warnings
 
 from cluster.api import tpserve_pb2 as tpserve_dot_v1_dot_tpserve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tpserve/v1/tpserve_pb2_grpc.py depends on'
+        + f' but the generated code in tpserve/v1/tpserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TPServeStub:
+class TPServeStub(object):
     """The inference service. Health is served separately by the standard
     `grpc.health.v1.Health` service.
     """
@@ -63,7 +63,7 @@ class TPServeStub:
                 _registered_method=True)
 
 
-class TPServeServicer:
+class TPServeServicer(object):
     """The inference service. Health is served separately by the standard
     `grpc.health.v1.Health` service.
     """
@@ -144,7 +144,7 @@ def add_TPServeServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class TPServe:
+class TPServe(object):
     """The inference service. Health is served separately by the standard
     `grpc.health.v1.Health` service.
     """
