@@ -245,7 +245,7 @@ def describe_model(controller, validator: RequestValidator) -> pb.ModelInfoRespo
         tensor_parallel_size=cfg.parallel.tensor_parallel_size, num_replicas=cfg.parallel.replicas,
         vocab_size=model.vocab_size, eos_token_ids=list(model.eos_token_ids),
         has_chat_template=validator.chat_template is not None, kv_block_size=cfg.engine.block_size,
-        server_version=_version(),
+        server_version=server_version(),
         limits=pb.Limits(max_model_len=lim.max_model_len, max_tokens_per_request=lim.max_tokens_per_request,
                          default_max_tokens=lim.default_max_tokens, max_batch_size=lim.max_batch_size,
                          max_waiting_requests=lim.max_waiting_requests,
@@ -279,7 +279,7 @@ def _replica_status(s: ReplicaState) -> pb.ReplicaStatus:
                             kv_blocks_total=s.stats.get("kv_blocks_total", 0))
 
 
-def _version() -> str:
+def server_version() -> str:
     try:
         return metadata.version("tpserve")
     except metadata.PackageNotFoundError:

@@ -8,6 +8,12 @@ Run from a checkout, with the test/dev extras installed (grpcio-tools provides p
 Source: ``proto/tpserve/v1/tpserve.proto``. Output: ``cluster/api/__init__.py``,
 ``tpserve_pb2.py``, ``tpserve_pb2.pyi`` and ``tpserve_pb2_grpc.py``.
 
+Also the KServe v2 service as Triton publishes it (``proto/inference/``, see its README) into
+``cluster/api/kserve/``. Its files keep their names (``grpc_service.proto``, package
+``inference``), which Triton's own client registers too; so these stubs are built into a
+descriptor pool of their own (``cluster.api.kserve.POOL``), not protobuf's default one, and a
+process may import both.
+
 protoc names Python modules after the proto's path (``tpserve.v1.tpserve_pb2``), but we
 ship the stubs inside our own package, so two lines are rewritten to ``cluster.api``:
 the import in the gRPC module and the module name given to the message classes. The
@@ -95,15 +101,75 @@ def rewrite_imports(name: str, source: str) -> str:
     return source
 
 
+KSERVE_ROOT = PROTO_ROOT / "inference"
+KSERVE_FILES = ("model_config.proto", "grpc_service.proto")
+KSERVE_PACKAGE = f"{API_PACKAGE}.kserve"
+KSERVE_INIT = '''"""Generated stubs of the KServe v2 gRPC service as Triton publishes it (proto/inference/).
+
+Built into POOL, a descriptor pool of their own: Triton's client registers the same file names
+in protobuf's default pool. Do not edit: regenerate with ``python -m cluster.protogen``.
+"""
+
+from google.protobuf import descriptor_pool
+
+POOL = descriptor_pool.DescriptorPool()
+'''
+
+
+def _kserve_rewrites(name: str, source: str) -> str:
+    """Imports into cluster.api.kserve, and descriptors into its own pool."""
+    stem = name.split(".")[0].removesuffix("_grpc").removesuffix("_pb2")
+    rules = []
+    if name.endswith("_pb2.py"):
+        rules += [("_descriptor_pool.Default().AddSerializedFile(", "_POOL.AddSerializedFile("),
+                  ("from google.protobuf.internal import builder as _builder\n",
+                   f"from google.protobuf.internal import builder as _builder\nfrom {KSERVE_PACKAGE} import POOL as _POOL\n"),
+                  (f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{stem}_pb2', _globals)",
+                   f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{KSERVE_PACKAGE}.{stem}_pb2', _globals)")]
+        if stem == "grpc_service":
+            rules.append(("import model_config_pb2 as model__config__pb2",
+                          f"from {KSERVE_PACKAGE} import model_config_pb2 as model__config__pb2"))
+    elif name.endswith("_pb2_grpc.py") and stem == "grpc_service":
+        rules.append(("import grpc_service_pb2 as grpc__service__pb2",
+                      f"from {KSERVE_PACKAGE} import grpc_service_pb2 as grpc__service__pb2"))
+    for old, new in rules:
+        if source.count(old) != 1:
+            raise RuntimeError(f"expected {old!r} once in protoc's {name}, found it {source.count(old)} times; "
+                               "has the grpcio-tools output format changed?")
+        source = source.replace(old, new)
+    return source
+
+
+def render_kserve() -> dict[str, bytes]:
+    """The KServe stubs in memory: file name -> contents (no .pyi: these are not ours to type)."""
+    from grpc_tools import protoc
+
+    files = {"__init__.py": KSERVE_INIT}
+    with tempfile.TemporaryDirectory(prefix="tpserve-protogen-") as tmp:
+        args = ["grpc_tools.protoc", f"--proto_path={KSERVE_ROOT}",
+                f"--proto_path={resources.files('grpc_tools') / '_proto'}", f"--python_out={tmp}",
+                f"--grpc_python_out={tmp}", *(str(KSERVE_ROOT / f) for f in KSERVE_FILES)]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {KSERVE_ROOT}")
+        for path in sorted(Path(tmp).iterdir()):
+            if path.name == "model_config_pb2_grpc.py":
+                continue  # no services in it
+            files[path.name] = _kserve_rewrites(path.name, path.read_text(encoding="utf-8"))
+    return {name: text.encode("utf-8") for name, text in sorted(files.items())}
+
+
 def render() -> dict[str, bytes]:
-    """Generate the stubs in memory: file name -> contents, in name order."""
+    """Generate the stubs in memory: file name -> contents, in name order; the KServe ones under
+    ``kserve/``."""
     files = {"__init__.py": INIT_SOURCE}
     with tempfile.TemporaryDirectory(prefix="tpserve-protogen-") as tmp:
         proto_out = run_protoc(Path(tmp))
         for path in sorted(proto_out.iterdir()):
             text = path.read_text(encoding="utf-8")
             files[path.name] = rewrite_imports(path.name, text)
-    return {name: text.encode("utf-8") for name, text in sorted(files.items())}
+    out = {name: text.encode("utf-8") for name, text in sorted(files.items())}
+    out.update({f"kserve/{name}": data for name, data in render_kserve().items()})
+    return out
 
 
 def generate(out_dir: Path | str = API_DIR) -> list[Path]:
@@ -113,6 +179,7 @@ def generate(out_dir: Path | str = API_DIR) -> list[Path]:
     written = []
     for name, data in render().items():
         path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         written.append(path)
     return written
@@ -124,7 +191,8 @@ def stale_files(api_dir: Path | str = API_DIR) -> list[str]:
     api_dir = Path(api_dir)
     fresh = render()
     committed = {
-        p.name: p.read_bytes() for p in api_dir.glob("*") if p.is_file()
+        p.relative_to(api_dir).as_posix(): p.read_bytes()
+        for p in [*api_dir.glob("*"), *api_dir.glob("kserve/*")] if p.is_file()
     } if api_dir.is_dir() else {}
     names = sorted(set(fresh) | set(committed))
     return [n for n in names if fresh.get(n) != committed.get(n)]

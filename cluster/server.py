@@ -36,7 +36,8 @@ from grpc_reflection.v1alpha import reflection
 from cluster.auth import ServerSecurity
 from cluster.config import DeploymentConfig, ServerSettings
 from cluster.controller import Controller
-from cluster.frontend import SERVICE, TPServeServicer, add_to_server, describe_model
+from cluster.frontend import SERVICE, TPServeServicer, add_to_server, describe_model, server_version
+from cluster.kserve import KServeServicer, add_kserve_to_server
 from cluster.metrics import Metrics
 from cluster.openai_api import build_app
 from cluster.router import AdmissionPolicy, Router
@@ -87,6 +88,8 @@ class Server:
                                          request_timeout_s=s.request_timeout_s, metrics=self.metrics)
         self._grpc = grpc_server(s, self.security)
         add_to_server(self._servicer, self._grpc)
+        kserve = KServeServicer(self._servicer, self.router, self.cfg.model.name, server_version())
+        add_kserve_to_server(kserve, self._grpc)  # KServe v2 on the same port
         add_health_and_reflection(self._grpc, self._health)
         self.address = listen(self._grpc, s.host, s.port, self.security.credentials)
         await self._grpc.start()

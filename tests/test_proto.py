@@ -36,10 +36,9 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools (test extra) generates stubs")
     from cluster import protogen
 
-    fresh = {p.name: p.read_bytes() for p in protogen.generate(tmp_path)}
-    committed = {
-        p.name: p.read_bytes() for p in protogen.API_DIR.iterdir() if p.is_file()
-    }
+    fresh = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in protogen.generate(tmp_path)}
+    committed = {p.relative_to(protogen.API_DIR).as_posix(): p.read_bytes()
+                 for p in [*protogen.API_DIR.iterdir(), *(protogen.API_DIR / "kserve").iterdir()] if p.is_file()}
     stale = sorted(n for n in set(fresh) | set(committed) if fresh.get(n) != committed.get(n))
     if stale:
         hint = "the stubs in cluster/api/ are stale: run `python -m cluster.protogen`"
@@ -57,12 +56,26 @@ def test_generation_is_deterministic(tmp_path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools (test extra) generates stubs")
     from cluster import protogen
 
-    first = {p.name: p.read_bytes() for p in protogen.generate(tmp_path / "a")}
-    second = {p.name: p.read_bytes() for p in protogen.generate(tmp_path / "b")}
+    first = {p.relative_to(tmp_path / "a").as_posix(): p.read_bytes() for p in protogen.generate(tmp_path / "a")}
+    second = {p.relative_to(tmp_path / "b").as_posix(): p.read_bytes() for p in protogen.generate(tmp_path / "b")}
     assert first == second
     assert set(first) == {
-        "__init__.py", "tpserve_pb2.py", "tpserve_pb2.pyi", "tpserve_pb2_grpc.py"
+        "__init__.py", "tpserve_pb2.py", "tpserve_pb2.pyi", "tpserve_pb2_grpc.py",
+        "kserve/__init__.py", "kserve/grpc_service_pb2.py", "kserve/grpc_service_pb2_grpc.py",
+        "kserve/model_config_pb2.py",
     }
+
+
+def test_kserve_stubs_live_in_their_own_descriptor_pool():
+    """Triton's client registers the same file names in protobuf's default pool; ours must not."""
+    from google.protobuf import descriptor_pool
+
+    from cluster.api import kserve
+    from cluster.api.kserve import grpc_service_pb2 as kv
+
+    assert kv.DESCRIPTOR.pool is kserve.POOL and kserve.POOL is not descriptor_pool.Default()
+    assert kv.ModelInferRequest.DESCRIPTOR.file.pool is kserve.POOL
+    assert kv.ModelInferRequest.__module__ == "cluster.api.kserve.grpc_service_pb2"
 
 
 def test_stubs_live_in_cluster_api():
