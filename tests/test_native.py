@@ -184,7 +184,7 @@ def test_linear_uses_the_kernel_for_decode_sized_inputs_only():
     torch.manual_seed(0)
     w, b = torch.randn(96, 64), torch.randn(96)
     lin = Linear(w, b)
-    assert lin.small == "native"
+    assert lin.tiny == "native"
     for rows in (1, native.DECODE_MAX_ROWS, native.DECODE_MAX_ROWS + 1):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), atol=2e-5, rtol=0)
@@ -212,13 +212,13 @@ def test_the_models_kernel_choice_decides_its_products(smollm2_dir):
             out += [layer.attn.wqkv.linear, layer.attn.wo.linear, layer.mlp.w_in.linear, layer.mlp.w_out.linear]
         return out
 
-    assert {p.small for p in products("native")} == {"native"}
-    assert "native" not in {p.small for p in products("torch")}
+    assert {p.tiny for p in products("native")} == {"native"}
+    assert "native" not in {k for p in products("torch") for k in (p.tiny, p.small)}
 
     w = torch.randn(96, 64)
     cpu = torch.device("cpu")
-    assert Kernels.select(cpu, torch.float16, "native").matmul(w.half()).small != "native"  # no fp16 GEMV
-    assert Kernels.select(cpu, torch.float32, "native").matmul(w[:, ::2]).small != "native"  # strided weight
+    assert Kernels.select(cpu, torch.float16, "native").matmul(w.half()).tiny != "native"  # no fp16 GEMV
+    assert Kernels.select(cpu, torch.float32, "native").matmul(w[:, ::2]).tiny != "native"  # strided weight
 
 
 @pytest.mark.parametrize("choice", ["blas", "onednn"])
@@ -239,7 +239,7 @@ def test_larger_inputs_take_the_chosen_matrix_product(monkeypatch, choice):
 
 
 def test_each_size_class_runs_its_own_kernel(monkeypatch):
-    """Decode-sized, 17-64-row and larger inputs each go to the kernel chosen for their class (the
+    """Inputs of 1-8, 9-16, 17-64 and more rows each go to the kernel chosen for their class (the
     kernels replaced by ones that say who ran: several of them give bit-identical results here)."""
     import tpkernels
     from tpkernels import Matmul, gemm
@@ -247,10 +247,33 @@ def test_each_size_class_runs_its_own_kernel(monkeypatch):
     for name, module, attr in (("native", native, "small_linear"), ("onednn", gemm, "onednn"),
                                ("torch", tpkernels.F, "linear")):
         monkeypatch.setattr(module, attr, lambda x, w, b, name=name: (name, x.shape[0]))
-    m = Matmul(torch.zeros(96, 64), None, small="native", medium="onednn", large="torch")
-    for rows, kernel in ((1, "native"), (native.DECODE_MAX_ROWS, "native"), (native.DECODE_MAX_ROWS + 1, "onednn"),
-                         (gemm.MEDIUM_MAX_ROWS, "onednn"), (gemm.MEDIUM_MAX_ROWS + 1, "torch")):
+    m = Matmul(torch.zeros(96, 64), None, tiny="native", small="onednn", medium="native", large="torch")
+    for rows, kernel in ((1, "native"), (gemm.TINY_MAX_ROWS, "native"), (gemm.TINY_MAX_ROWS + 1, "onednn"),
+                         (native.DECODE_MAX_ROWS, "onednn"), (native.DECODE_MAX_ROWS + 1, "native"),
+                         (gemm.MEDIUM_MAX_ROWS, "native"), (gemm.MEDIUM_MAX_ROWS + 1, "torch")):
         assert m(torch.zeros(rows, 64)) == (kernel, rows)
+
+
+@pytest.mark.parametrize("onednn_wins", [True, False])
+def test_9_to_16_rows_take_whichever_of_gemv_and_onednn_is_faster(monkeypatch, onednn_wins):
+    from tpkernels import Kernels, gemm
+
+    assert native.available()
+    monkeypatch.setattr(gemm, "onednn_beats_gemv", lambda w: onednn_wins)
+    product = Kernels.select(torch.device("cpu"), torch.float32, "native").matmul(torch.randn(96, 64))
+    assert product.tiny == "native" and product.small == ("onednn" if onednn_wins else "native")
+
+
+def test_the_gemv_against_onednn_is_timed_once_per_shape(monkeypatch):
+    from tpkernels import gemm
+
+    assert native.available()
+    monkeypatch.setattr(gemm, "_gemv_slower", {})
+    w = torch.randn(80, 48)
+    first = gemm.onednn_beats_gemv(w)
+    assert list(gemm._gemv_slower.values()) == [first]
+    gemm._gemv_slower[next(iter(gemm._gemv_slower))] = not first
+    assert gemm.onednn_beats_gemv(w) is (not first)
 
 
 def test_the_faster_product_is_timed_once_per_shape(monkeypatch):

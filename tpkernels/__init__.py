@@ -19,7 +19,9 @@ the step's `Batch` carries to every layer.
 Matrix products have three kernels on CPU. Decode-sized inputs (at most `native.DECODE_MAX_ROWS`
 rows) are memory-bound: our matrix-vector kernel (`native.small_linear`) streams the weight once at
 close to memory bandwidth; where it is not built, oneDNN; MKL's BLAS, which `F.linear` uses,
-re-packs the weight per call and runs those shapes 1.3-2.5x slower. Larger inputs (prefill, large
+re-packs the weight per call and runs those shapes 1.3-2.5x slower. Up to `gemm.TINY_MAX_ROWS` the
+GEMV always runs; from there to 16 rows oneDNN's blocking can already win (it did from 9 rows on
+an AMD Zen 5), so that class is timed per weight (`gemm.onednn_beats_gemv`). Larger inputs (prefill, large
 decode batches) are compute-bound and go to whichever of BLAS and oneDNN is faster on this CPU for
 the weight's shape and the input's size class, 17-64 rows or more (`gemm.onednn_is_faster`). The kernels sum in different orders (all
 fp32-accurate), which moves logits by ~1e-5 to 1e-4. On CUDA every product is `F.linear`.
@@ -122,19 +124,21 @@ TORCH_OPS = TorchOps()
 
 
 class Matmul:
-    """y = x Wᵀ (+ b) on one weight, with the kernel for each call picked by its rows: `small` up to
-    `native.DECODE_MAX_ROWS`, `medium` up to `gemm.MEDIUM_MAX_ROWS`, `large` above; each one of
-    "native" | "onednn" | "torch", decided by `Kernels.matmul`."""
+    """y = x Wᵀ (+ b) on one weight, with the kernel for each call picked by its rows: `tiny` up to
+    `gemm.TINY_MAX_ROWS`, `small` up to `native.DECODE_MAX_ROWS`, `medium` up to
+    `gemm.MEDIUM_MAX_ROWS`, `large` above; each one of "native" | "onednn" | "torch", decided by
+    `Kernels.matmul`."""
 
-    __slots__ = ("weight", "bias", "small", "medium", "large")
+    __slots__ = ("weight", "bias", "tiny", "small", "medium", "large")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, small: str, medium: str, large: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tiny: str, small: str, medium: str,
+                 large: str):
         self.weight, self.bias = weight, bias
-        self.small, self.medium, self.large = small, medium, large
+        self.tiny, self.small, self.medium, self.large = tiny, small, medium, large
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        kernel = (self.small if rows <= native.DECODE_MAX_ROWS
+        kernel = (self.tiny if rows <= gemm.TINY_MAX_ROWS else self.small if rows <= native.DECODE_MAX_ROWS
                   else self.medium if rows <= gemm.MEDIUM_MAX_ROWS else self.large)
         if kernel == "native":
             return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
@@ -154,18 +158,21 @@ class Kernels:
 
     def matmul(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Matmul:
         """The product with `weight` (out, in) (+ `bias`), its kernels chosen here: see the module."""
-        small = medium = large = "torch"
+        tiny = small = medium = large = "torch"
         if weight.device.type == "cpu" and weight.numel() > 0:
             onednn = gemm.onednn_usable(weight)
-            if (self.name == "native" and weight.dtype in native.SMALL_DTYPES and weight.is_contiguous()):
-                small = "native"
-            elif onednn and weight.dtype in native.SMALL_DTYPES:
-                small = "onednn"
+            gemv = self.name == "native" and weight.dtype in native.SMALL_DTYPES and weight.is_contiguous()
+            if onednn and weight.dtype in native.SMALL_DTYPES:
+                tiny = small = "onednn"
+            if gemv:  # batch 1 to 8: the GEMV; 9 to 16: the GEMV where it beats oneDNN on this weight
+                tiny = "native"
+                if not onednn or not gemm.onednn_beats_gemv(weight):
+                    small = "native"
             if onednn and gemm.onednn_is_faster(weight, gemm.MEDIUM_ROWS):
                 medium = "onednn"
             if onednn and gemm.onednn_is_faster(weight, gemm.LARGE_ROWS):
                 large = "onednn"
-        return Matmul(weight, bias, small, medium, large)
+        return Matmul(weight, bias, tiny, small, medium, large)
 
     def ops(self, num_tokens: int):
         """The op set of a step of `num_tokens` tokens."""

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 GEMM_CHOICES = ("auto", "blas", "onednn")
 _faster: dict[tuple, bool] = {}  # (out, in, dtype, threads, rows) -> oneDNN beat BLAS
+TINY_MAX_ROWS = 8  # up to here our GEMV always runs (the native kernels' decode path)
+SMALL_ROWS = 12  # 9-16-row batches: the GEMV against oneDNN, timed at this many rows
 MEDIUM_MAX_ROWS = 64  # decode batches up to here are timed as MEDIUM_ROWS rows
 MEDIUM_ROWS, LARGE_ROWS = 48, 128
 
@@ -49,6 +51,22 @@ def onednn_is_faster(w: torch.Tensor, rows: int = LARGE_ROWS) -> bool:
         x = torch.randn(rows, w.shape[1], dtype=w.dtype)
         _faster[key] = _best_of(lambda: onednn(x, w, None)) < _best_of(lambda: F.linear(x, w))
     return _faster[key]
+
+
+_gemv_slower: dict[tuple, bool] = {}  # (out, in, dtype, threads) -> oneDNN beat the GEMV
+
+
+def onednn_beats_gemv(w: torch.Tensor) -> bool:
+    """Whether oneDNN runs a `SMALL_ROWS`-row product on `w` faster than our GEMV
+    (`tpkernels.native.small_linear`, which must be loaded), timed once per weight shape."""
+    from tpkernels import native
+
+    key = (*w.shape, w.dtype, torch.get_num_threads())
+    if key not in _gemv_slower:
+        x = torch.randn(SMALL_ROWS, w.shape[1], dtype=w.dtype)
+        _gemv_slower[key] = (min(_best_of(lambda: onednn(x, w, None)) for _ in range(2))
+                             < min(_best_of(lambda: native.small_linear(x, w, None)) for _ in range(2)))
+    return _gemv_slower[key]
 
 
 def _best_of(fn, runs: int = 3) -> float:
