@@ -63,6 +63,9 @@ FINISH = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
+# The finish reasons as OpenAI's API and Triton's LLM backends word them.
+FINISH_WORD = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop",
+               FinishReason.CANCELLED: "abort"}
 
 
 def status_of(err: Exception) -> tuple[grpc.StatusCode, str]:
@@ -84,7 +87,7 @@ class TPServeServicer:
         self._pending_checks = 0
 
     async def Generate(self, request, context):
-        async with self._statuses(context):
+        async with self.statuses(context):
             handle = await self._submit(request, context)
             try:
                 yield start_message(handle)
@@ -97,41 +100,49 @@ class TPServeServicer:
                 self._router.release(handle)
 
     async def GenerateUnary(self, request, context):
-        async with self._statuses(context):
+        async with self.statuses(context):
             handle = await self._submit(request, context)
             try:
-                outputs: list[RequestOutput] = []
-                while not (outputs and outputs[-1].finished):
-                    outputs += await handle.next()
-                return result_message(outputs, handle, self._validator.token_text)
+                return result_message(await handle.all(), handle, self._validator.token_text)
             finally:
                 self._router.release(handle)
 
     async def Tokenize(self, request, context):
-        async with self._statuses(context):
+        async with self.statuses(context):
             t = await self._check(self._validator.tokenize, request)
             return pb.TokenizeResponse(token_ids=t.token_ids, tokens=t.tokens, count=len(t.token_ids),
                                        rendered_prompt=t.rendered_prompt)
 
     async def Detokenize(self, request, context):
-        async with self._statuses(context):
+        async with self.statuses(context):
             return pb.DetokenizeResponse(text=await self._check(self._validator.detokenize, request))
 
     async def ModelInfo(self, request, context):
-        async with self._statuses(context):
+        async with self.statuses(context):
             self._validator.check_parsed(request)
             return model_info(self._model, self._router.replica_states())
 
     # -- helpers ------------------------------------------------------------------------------
     async def _submit(self, request, context) -> RequestHandle:
-        job = await self._check(self._validator.generate, request)
         # The server's timeout is for calls that set no deadline; gRPC ends the others itself.
-        timeout = self._timeout_s if context.time_remaining() is None else None
-        handle = self._router.submit(job, timeout)
+        handle = await self.admit(request, has_deadline=context.time_remaining() is not None)
         # However the call ends (even a cancel while a response is being written), the request
         # leaves its engine and stops counting for admission; a no-op when already done.
         context.add_done_callback(lambda _: self._router.release(handle))
         return handle
+
+    async def admit(self, request: pb.GenerateRequest, *, has_deadline: bool = False) -> RequestHandle:
+        """Check `request` (off the loop when heavy) and submit it to the router: the one way in
+        for every protocol (tpserve.v1 here, OpenAI HTTP, KServe v2). The caller `release`s the
+        handle when its call is over. ``server.request_timeout_s`` applies when the call has no
+        deadline of its own."""
+        job = await self._check(self._validator.generate, request)
+        return self._router.submit(job, None if has_deadline else self._timeout_s)
+
+    @property
+    def token_text(self):
+        """token id -> its text, as logprobs report it."""
+        return self._validator.token_text
 
     async def _check(self, check, request):
         """check(request) inline when it is cheap, else on the check threads (bounded)."""
@@ -150,8 +161,8 @@ class TPServeServicer:
         self._checks.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.asynccontextmanager
-    async def _statuses(self, context):
-        """The one place where exceptions become gRPC statuses."""
+    async def statuses(self, context):
+        """The one place where exceptions become gRPC statuses (KServe's ModelInfer uses it too)."""
         try:
             yield
         except grpc.aio.AbortError:

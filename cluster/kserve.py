@@ -26,14 +26,11 @@ import grpc
 from cluster.api import tpserve_pb2 as pb
 from cluster.api.kserve import grpc_service_pb2 as kv
 from cluster.api.kserve import grpc_service_pb2_grpc as kv_grpc
-from cluster.frontend import status_of
+from cluster.frontend import FINISH_WORD, status_of
 from cluster.validation import InvalidRequest
-from worker.engine import FinishReason
 
 SERVICE = "inference.GRPCInferenceService"
 INPUT, OUTPUT = "text_input", "text_output"
-FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop",
-          FinishReason.CANCELLED: "abort"}
 
 
 def _bytes_elements(raw: bytes) -> list[bytes]:
@@ -153,14 +150,12 @@ class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------------
     async def ModelInfer(self, request, context):
         await self._known_model(request.model_name, context)
-        try:
+        async with self._api.statuses(context):
+            generate, _ = to_generate_request(request)
             text, finish, usage = "", None, None
-            async for delta, finish, usage in self._generate(request):
+            async for delta, finish, usage in self._generate(generate):
                 text += delta
             return _response(request, self._model, text, final=True, finish=finish, usage=usage)
-        except Exception as err:  # noqa: BLE001 - every error becomes its status
-            code, message = status_of(err)
-            await context.abort(code, message)
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for request in request_iterator:
@@ -168,9 +163,9 @@ class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
                 yield kv.ModelStreamInferResponse(error_message=self._unknown(request.model_name))
                 continue
             try:
-                _, stream = to_generate_request(request)
+                generate, stream = to_generate_request(request)
                 text, finish, usage = "", None, None
-                async for delta, finish, usage in self._generate(request):
+                async for delta, finish, usage in self._generate(generate):
                     if stream and (delta or finish):
                         yield kv.ModelStreamInferResponse(infer_response=_response(
                             request, self._model, delta, final=finish is not None, finish=finish, usage=usage))
@@ -181,16 +176,14 @@ class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
             except Exception as err:  # noqa: BLE001 - reported in the stream, which goes on
                 yield kv.ModelStreamInferResponse(error_message=status_of(err)[1])
 
-    async def _generate(self, request):
+    async def _generate(self, generate: pb.GenerateRequest):
         """(text delta, finish reason or None, (prompt, completion tokens) or None) as produced."""
-        generate, _ = to_generate_request(request)
-        job = await self._api._check(self._api._validator.generate, generate)
-        handle = self._router.submit(job, self._api._timeout_s)
+        handle = await self._api.admit(generate)
         try:
             while True:
                 outputs = await handle.next()
                 last = outputs[-1]
-                finish = FINISH.get(last.finish_reason) if last.finished else None
+                finish = FINISH_WORD.get(last.finish_reason) if last.finished else None
                 usage = (handle.num_prompt_tokens, last.num_output_tokens) if last.finished else None
                 yield "".join(o.text for o in outputs), finish, usage
                 if last.finished:

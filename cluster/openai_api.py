@@ -42,12 +42,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.api import tpserve_pb2 as pb
+from cluster.frontend import FINISH_WORD
 from cluster.router import EngineError, Overloaded, ReplicaUnavailable, RequestHandle, RequestTimeout
 from cluster.validation import InvalidRequest, Unsupported
-from worker.engine import FinishReason, RequestOutput
+from worker.engine import RequestOutput
 
-FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop",
-          FinishReason.CANCELLED: "abort"}
 MAX_N = 16  # choices per request
 
 # our field names (validation messages) -> OpenAI's
@@ -239,8 +238,8 @@ def build_app(servicer, router, model_name: str, token_check=None, open_health: 
         requests = [(i * body.n + j, _generate_request(body, j, logprobs or 0, prompt=p))
                     for i, p in enumerate(prompts) for j in range(body.n)]
         return await _run(servicer, router, body, requests, "text_completion", "cmpl",
-                          lambda outs, h: _completion_logprobs(outs, servicer) if logprobs is not None else None,
-                          chat=False)
+                          lambda outs: _completion_logprobs(outs, servicer.token_text) if logprobs is not None
+                          else None, chat=False)
 
     @app.post("/v1/chat/completions", responses=GENERATE_RESPONSES)
     async def chat(body: ChatRequest):
@@ -252,7 +251,7 @@ def build_app(servicer, router, model_name: str, token_check=None, open_health: 
         messages = [pb.ChatMessage(role=m.role, content=_content(m.content, i)) for i, m in enumerate(body.messages)]
         requests = [(j, _generate_request(body, j, wanted, chat=messages)) for j in range(body.n)]
         return await _run(servicer, router, body, requests, "chat.completion", "chatcmpl",
-                          lambda outs, h: _chat_logprobs(outs, servicer, top) if body.logprobs else None,
+                          lambda outs: _chat_logprobs(outs, servicer.token_text, top) if body.logprobs else None,
                           chat=True)
 
     return app
@@ -315,8 +314,7 @@ async def _submit_all(servicer, router, requests) -> list[tuple[int, RequestHand
     handles = []
     try:
         for index, request in requests:
-            job = await servicer._check(servicer._validator.generate, request)
-            handles.append((index, router.submit(job, servicer._timeout_s)))
+            handles.append((index, await servicer.admit(request)))
     except BaseException:
         for _, handle in handles:
             router.release(handle)
@@ -335,17 +333,17 @@ async def _run(servicer, router, body, requests, kind: str, prefix: str, logprob
         return StreamingResponse(_stream(router, handles, rid, created, body.model, kind, logprobs_of, chat, usage,
                                          body.n), media_type="text/event-stream")
     try:
-        results = await asyncio.gather(*(_collect(h) for _, h in handles))
+        results = await asyncio.gather(*(h.all() for _, h in handles))
     except Exception as err:  # noqa: BLE001
         raise as_openai_error(err) from None
     finally:
         for _, handle in handles:
             router.release(handle)
     choices, completion_tokens = [], 0
-    for (index, handle), outs in zip(handles, results):
+    for (index, _), outs in zip(handles, results):
         text = "".join(o.text for o in outs)
-        choice: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(outs[-1].finish_reason, "stop"),
-                                  "logprobs": logprobs_of(outs, handle)}
+        choice: dict[str, Any] = {"index": index, "finish_reason": FINISH_WORD.get(outs[-1].finish_reason, "stop"),
+                                  "logprobs": logprobs_of(outs)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -364,13 +362,6 @@ def _prompt_tokens(handles, n: int) -> int:
     return sum(h.num_prompt_tokens for i, h in handles if i % n == 0)
 
 
-async def _collect(handle: RequestHandle) -> list[RequestOutput]:
-    outs: list[RequestOutput] = []
-    while not (outs and outs[-1].finished):
-        outs += await handle.next()
-    return outs
-
-
 def _sse(payload) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -386,11 +377,11 @@ async def _stream(router, handles, rid, created, model, kind, logprobs_of, chat:
         try:
             while True:
                 outs = await handle.next()
-                await queue.put((index, handle, outs, None))
+                await queue.put((index, outs, None))
                 if outs[-1].finished:
                     return
         except Exception as err:  # noqa: BLE001 - reported in the stream
-            await queue.put((index, handle, None, err))
+            await queue.put((index, None, err))
 
     tasks = [asyncio.ensure_future(pump(i, h)) for i, h in handles]
     completion_tokens = 0
@@ -401,15 +392,15 @@ async def _stream(router, handles, rid, created, model, kind, logprobs_of, chat:
                                      "finish_reason": None, "logprobs": None} for i, _ in handles]})
         remaining = len(handles)
         while remaining:
-            index, handle, outs, err = await queue.get()
+            index, outs, err = await queue.get()
             if err is not None:
                 e = as_openai_error(err)
                 yield _sse(error_body(e.message, e.kind, e.param, e.code))
                 return
             last = outs[-1]
             text = "".join(o.text for o in outs)
-            choice: dict[str, Any] = {"index": index, "logprobs": logprobs_of(outs, handle),
-                                      "finish_reason": FINISH.get(last.finish_reason) if last.finished else None}
+            choice: dict[str, Any] = {"index": index, "logprobs": logprobs_of(outs),
+                                      "finish_reason": FINISH_WORD.get(last.finish_reason) if last.finished else None}
             if chat:
                 choice["delta"] = {"content": text} if text or not last.finished else {}
             else:
@@ -442,8 +433,7 @@ def _lps(outs: list[RequestOutput]):
     return [lp for o in outs for lp in (o.logprobs or []) if lp is not None]
 
 
-def _completion_logprobs(outs, servicer) -> dict:
-    text_of = servicer._validator.token_text
+def _completion_logprobs(outs, text_of) -> dict:
     tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
     for lp in _lps(outs):
         piece = text_of(lp.token_id)
@@ -455,9 +445,7 @@ def _completion_logprobs(outs, servicer) -> dict:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def _chat_logprobs(outs, servicer, top_n: int) -> dict:
-    text_of = servicer._validator.token_text
-
+def _chat_logprobs(outs, text_of, top_n: int) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         text = text_of(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

@@ -161,6 +161,13 @@ class RequestHandle:
             raise self._items.popleft()
         return outputs
 
+    async def all(self) -> list[RequestOutput]:
+        """Every output up to the final one (raises what ended the request otherwise)."""
+        outputs: list[RequestOutput] = []
+        while not (outputs and outputs[-1].finished):
+            outputs += await self.next()
+        return outputs
+
     def push(self, item: RequestOutput | Exception) -> None:
         self._items.append(item)
         self._ready.set()
