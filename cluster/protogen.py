@@ -88,9 +88,12 @@ def run_protoc(out_dir: Path) -> Path:
 
 def rewrite_imports(name: str, source: str) -> str:
     """Point a generated module at ``cluster.api`` instead of ``tpserve.v1``."""
-    for file_name, old, new in _REWRITES:
-        if file_name != name:
-            continue
+    return _replace_once(name, source, [(old, new) for file_name, old, new in _REWRITES if file_name == name])
+
+
+def _replace_once(name: str, source: str, rules) -> str:
+    """Each (old, new) of `rules` applied to protoc's `name`, where old must occur exactly once."""
+    for old, new in rules:
         count = source.count(old)
         if count != 1:
             raise RuntimeError(
@@ -132,12 +135,7 @@ def _kserve_rewrites(name: str, source: str) -> str:
     elif name.endswith("_pb2_grpc.py") and stem == "grpc_service":
         rules.append(("import grpc_service_pb2 as grpc__service__pb2",
                       f"from {KSERVE_PACKAGE} import grpc_service_pb2 as grpc__service__pb2"))
-    for old, new in rules:
-        if source.count(old) != 1:
-            raise RuntimeError(f"expected {old!r} once in protoc's {name}, found it {source.count(old)} times; "
-                               "has the grpcio-tools output format changed?")
-        source = source.replace(old, new)
-    return source
+    return _replace_once(name, source, rules)
 
 
 def render_kserve() -> dict[str, bytes]:

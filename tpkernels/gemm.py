@@ -46,11 +46,8 @@ def onednn_is_faster(w: torch.Tensor, rows: int = LARGE_ROWS) -> bool:
         raise ValueError(f"TPSERVE_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
     if choice != "auto":
         return choice == "onednn"
-    key = (*w.shape, w.dtype, torch.get_num_threads(), rows)
-    if key not in _faster:
-        x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-        _faster[key] = _best_of(lambda: onednn(x, w, None)) < _best_of(lambda: F.linear(x, w))
-    return _faster[key]
+    return _onednn_wins(_faster, (*w.shape, w.dtype, torch.get_num_threads(), rows), w, rows,
+                        lambda x: F.linear(x, w))
 
 
 _gemv_slower: dict[tuple, bool] = {}  # (out, in, dtype, threads) -> oneDNN beat the GEMV
@@ -61,12 +58,16 @@ def onednn_beats_gemv(w: torch.Tensor) -> bool:
     (`tpkernels.native.small_linear`, which must be loaded), timed once per weight shape."""
     from tpkernels import native
 
-    key = (*w.shape, w.dtype, torch.get_num_threads())
-    if key not in _gemv_slower:
-        x = torch.randn(SMALL_ROWS, w.shape[1], dtype=w.dtype)
-        _gemv_slower[key] = (min(_best_of(lambda: onednn(x, w, None)) for _ in range(2))
-                             < min(_best_of(lambda: native.small_linear(x, w, None)) for _ in range(2)))
-    return _gemv_slower[key]
+    return _onednn_wins(_gemv_slower, (*w.shape, w.dtype, torch.get_num_threads()), w, SMALL_ROWS,
+                        lambda x: native.small_linear(x, w, None), runs=6)
+
+
+def _onednn_wins(cache: dict, key: tuple, w: torch.Tensor, rows: int, other, runs: int = 3) -> bool:
+    """oneDNN against `other(x)` on a `rows`-row input, best of `runs` each; answered once per key."""
+    if key not in cache:
+        x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+        cache[key] = _best_of(lambda: onednn(x, w, None), runs) < _best_of(lambda: other(x), runs)
+    return cache[key]
 
 
 def _best_of(fn, runs: int = 3) -> float:

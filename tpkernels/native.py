@@ -36,6 +36,7 @@ BLAS's, `tpkernels.gemm` times which) win.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -72,25 +73,26 @@ def _cache_root() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "tpserve") / "native"
 
 
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> list[str] | None:
+    """The distinct /proc/cpuinfo lines that builds depend on (model name, flags), sorted; None
+    where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join(sorted(set(keep)))
+        return None
+    return sorted({ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")})
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    lines = _cpuinfo()
+    return "\n".join(lines) if lines is not None else platform.processor() or platform.machine()
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for ln in text.splitlines():
-        if ln.split(":")[0].strip() == "flags":
-            return set(ln.split(":", 1)[1].split())
-    return set()
+    flags = next((ln for ln in _cpuinfo() or () if ln.split(":")[0].strip() == "flags"), "")
+    return set(flags.partition(":")[2].split())
 
 
 def isas_here() -> list[str]:
