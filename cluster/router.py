@@ -343,7 +343,7 @@ class Router:
         """Admit and route `job`; raises Overloaded or ReplicaUnavailable."""
         if self._closed:
             raise ReplicaUnavailable("the server is shutting down")
-        live = [link for link in self._links if link.routable]
+        live = self._live()
         if not live and not (self.rebuild and self._links):
             raise ReplicaUnavailable(f"no healthy replica: {self._failures()}")
         limit = self.policy.limit(len(live))
@@ -360,6 +360,9 @@ class Router:
         else:  # every replica is down and being rebuilt: wait for one, like a failed-over request
             self._wait(handle, f"no healthy replica: {self._failures()}")
         return handle
+
+    def _live(self) -> list[_ReplicaLink]:
+        return [link for link in self._links if link.routable]
 
     @staticmethod
     def _least_loaded(live: list[_ReplicaLink]) -> _ReplicaLink:
@@ -477,7 +480,7 @@ class Router:
         link.start()
         self.metrics.replica_restarted(replica.replica_id)
         for handle in list(self._waiting.values()):
-            self._send(handle, self._least_loaded([l for l in self._links if l.routable]))
+            self._send(handle, self._least_loaded(self._live()))
         self._on_health(self.serving)
 
     def _fail_over(self, handle: RequestHandle, reason: str) -> None:
@@ -488,11 +491,12 @@ class Router:
         if handle.failures > self.max_retries:
             return self._give_up(handle, f"{reason}; the request gave up after {handle.failures} "
                                          f"replica failures (server.max_request_retries {self.max_retries})")
-        live = [l for l in self._links if l.routable]
+        live = self._live()
         if live:
+            target = self._least_loaded(live)
             log.info("request %s resumes on replica %d after %d tokens (%s)", handle.request_id,
-                     self._least_loaded(live).replica_id, len(handle.output_token_ids), reason)
-            return self._send(handle, self._least_loaded(live))
+                     target.replica_id, len(handle.output_token_ids), reason)
+            return self._send(handle, target)
         if not self.rebuild or self._closed:
             return self._give_up(handle, f"{reason}; no other replica, and failed replicas are not rebuilt")
         self._wait(handle, reason)
