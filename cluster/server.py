@@ -131,14 +131,7 @@ class Server:
         host = h.host or s.host
         app = build_app(self._servicer, self.router, self.cfg.model.name, self.security.token_check,
                         open_health=s.health_without_token, metrics=self.metrics)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host.strip("[]"), h.port))
-        except OSError as err:
-            sock.close()
-            raise ServeError(f"http.port: cannot listen on {host}:{h.port}: {err.strerror or err}") from None
+        sock = bind_socket("http.port", host, h.port)
         tls = {}
         if s.tls_cert_file is not None:
             tls = dict(ssl_certfile=s.tls_cert_file, ssl_keyfile=s.tls_key_file)
@@ -270,15 +263,21 @@ def check_ports_free(s, h=None) -> None:
     if h is not None and h.enabled:
         ports.append(("http.port", h.host or s.host, h.port))
     for name, host, port in ports:
-        if not port:
-            continue  # none, or 0 = any free port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
-            try:
-                probe.bind((host.strip("[]"), port))
-            except OSError as err:
-                raise ServeError(f"{name}: cannot listen on {host}:{port}: {err.strerror}") from None
+        if port:  # not none, nor 0 = any free port
+            bind_socket(name, host, port).close()
+
+
+def bind_socket(name: str, host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (TIME_WAIT is fine, as for gRPC); ServeError naming the
+    config field `name` when it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as err:
+        sock.close()
+        raise ServeError(f"{name}: cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
 
 
 async def _serve_until_signal(server: Server, grace_s: float) -> None:

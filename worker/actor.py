@@ -11,8 +11,9 @@ Lifecycle, each step a typed method the controller calls in order:
 
 After `start`, Ray is out of the per-step loop: rank 0's engine thread drives the peers through
 the process group. All of a rank's torch work (loading, warm-up, the step loop) runs on one
-thread of its own, `_ComputeThread`, whatever thread Ray runs a method on. Ray calls to rank 0 carry only requests in (`submit`, `abort`) and outputs
-out (`poll`, which returns everything produced since the last poll, batched per step).
+thread of its own, `_ComputeThread`, whatever thread Ray runs a method on. Ray calls to rank 0
+carry only requests in (`submit`, `abort`) and outputs out (`poll`, which returns everything
+produced since the last poll, batched per step).
 """
 
 from __future__ import annotations
