@@ -96,13 +96,15 @@ class AttentionMetadata:
     def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, blocks_per_head: int,
               device: torch.device, decode_kernel: Callable | None = None) -> "AttentionMetadata":
         nd = step.num_decodes
+        lens = step.query_lens.tolist(), step.context_lens.tolist()  # read back once per step
         if decode_kernel is not None:
-            paged_chunks = _short_cached_chunks(step)
-            prefills = _prefills(step, block_size, windows, kv_heads, blocks_per_head, device, skip=paged_chunks)
-            rows = _paged_rows(step, paged_chunks, decode_kernel, device)
+            paged_chunks = _short_cached_chunks(step, *lens)
+            prefills = _prefills(step, *lens, block_size, windows, kv_heads, blocks_per_head, device,
+                                 skip=paged_chunks)
+            rows = _paged_rows(step, *lens, paged_chunks, decode_kernel, device)
             return cls(step.slot_mapping.to(device), nd, [], prefills, rows)
-        prefills = _prefills(step, block_size, windows, kv_heads, blocks_per_head, device)
-        clens = step.context_lens.tolist()
+        prefills = _prefills(step, *lens, block_size, windows, kv_heads, blocks_per_head, device)
+        clens = lens[1]
         groups = []
         order = sorted(range(nd), key=clens.__getitem__)
         for g in range(0, nd, DECODE_GROUP):
@@ -138,20 +140,19 @@ def _gathered(tables: torch.Tensor, longest: int, block_size: int, kv_heads: int
     return Gathered(rows.to(device), tables.shape[0], nb * block_size)
 
 
-def _short_cached_chunks(step: StepInput) -> set[int]:
+def _short_cached_chunks(step: StepInput, qlens: list[int], clens: list[int]) -> set[int]:
     """The prefill sequences whose chunk the paged kernel takes: a cached context, few tokens."""
-    qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
     return {s for s in range(step.num_decodes, step.num_seqs)
             if qlens[s] < clens[s] and qlens[s] <= PAGED_CHUNK_TOKENS}
 
 
-def _paged_rows(step: StepInput, chunks: set[int], kernel: Callable, device) -> PagedDecodes:
+def _paged_rows(step: StepInput, qlens: list[int], clens: list[int], chunks: set[int], kernel: Callable,
+                device) -> PagedDecodes:
     """The decodes, then a row per token of each chunk in `chunks`."""
     nd = step.num_decodes
     if not chunks:
         return PagedDecodes(step.block_tables[:nd].contiguous().to(device),
                             step.context_lens[:nd].contiguous().to(device), kernel)
-    qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
     seqs, lens, tokens, start = list(range(nd)), list(clens[:nd]), list(range(nd)), nd
     for s in range(nd, step.num_seqs):
         T, L = qlens[s], clens[s]
@@ -164,9 +165,8 @@ def _paged_rows(step: StepInput, chunks: set[int], kernel: Callable, device) -> 
     return PagedDecodes(step.block_tables[seqs].to(device), t(lens), kernel, t(tokens))
 
 
-def _prefills(step, block_size, windows, kv_heads, blocks_per_head, device, skip: set = frozenset()
-              ) -> list[PrefillChunk]:
-    qlens, clens = step.query_lens.tolist(), step.context_lens.tolist()
+def _prefills(step, qlens: list[int], clens: list[int], block_size, windows, kv_heads, blocks_per_head, device,
+              skip: set = frozenset()) -> list[PrefillChunk]:
     chunks, start = [], step.num_decodes
     for s in range(step.num_decodes, step.num_seqs):
         T, L = qlens[s], clens[s]
