@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -145,6 +146,176 @@ void blocked_weighted_sum(const float* scores, int64_t span, const T* vh, const 
   }
 }
 
+#if defined(__AVX512F__)
+// The AVX-512 path, for head sizes of whole 16-float vectors and up to 8 query heads per KV head.
+// Keys go 16 at a time: each of the 16 dot products with one query head leaves a vector of 16
+// partial sums, and `sum16` folds those 16 vectors into one vector of their 16 sums (15 adds and
+// 30 permutes, where summing each vector on its own would cost 16 x 4 shuffles and adds and 16
+// scalar stores). The weighted V sum keeps every query head's accumulators for C vectors of the
+// head in registers while each value row streams by once.
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float loads and stores
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline v16 load16(const c10::BFloat16* p) {
+  const u16x16 h = *reinterpret_cast<const u16x16*>(p);
+  return (v16)(__builtin_convertvector(h, u32x16) << 16);
+}
+inline v16 splat16(float x) { return v16{} + x; }
+
+inline v16 exp16(v16 x) {  // exp8's polynomial, 16 lanes at once
+  x = x < -87.f ? -87.f : x;
+  const v16 t = x * 1.44269504f;
+  const v16 n = (t + 12582912.f) - 12582912.f;
+  const v16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  v16 p = r * (1.f / 720.f) + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
+  return p * (v16)e;
+}
+
+// x holds the partial sums of K keys, S = 16 / K lanes each; so does y. The result holds the 2K
+// keys, x's then y's, in S / 2 lanes each: every key's two halves added. Lane p of the result
+// takes lane pick(p) of the pair (x, y) (0-15: x, 16-31: y) and adds lane pick(p) + S / 2.
+template <int K>
+constexpr int pick(int p) {
+  constexpr int S = 16 / K, H = S / 2;
+  const int seg = p / H, within = p % H;
+  return (seg < K ? seg * S : 16 + (seg - K) * S) + within;
+}
+template <int K, size_t... P>
+inline v16 fold(v16 x, v16 y, std::index_sequence<P...>) {
+  return __builtin_shufflevector(x, y, pick<K>(P)...) + __builtin_shufflevector(x, y, (pick<K>(P) + 8 / K)...);
+}
+inline v16 sum16(v16* a) {  // lane j of the result: the sum of a[j]'s 16 lanes
+  constexpr auto I = std::make_index_sequence<16>{};
+  for (int j = 0; j < 8; ++j) a[j] = fold<1>(a[2 * j], a[2 * j + 1], I);
+  for (int j = 0; j < 4; ++j) a[j] = fold<2>(a[2 * j], a[2 * j + 1], I);
+  for (int j = 0; j < 2; ++j) a[j] = fold<4>(a[2 * j], a[2 * j + 1], I);
+  return fold<8>(a[0], a[1], I);
+}
+
+inline void prefetch_rows(const void* const* rows, int n, int64_t bytes) {
+  for (int j = 0; j < n; ++j)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(rows[j]) + o);
+}
+
+// The cache rows of tokens t0 .. t0 + n - 1 (n <= 16) of one sequence and KV head; the rest of the
+// 16 point at the first one, so a short last chunk is computed whole and only n results are kept.
+template <typename T>
+inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t d, int64_t t0, int n,
+                       const T** rows) {
+  int64_t b = t0 / bs, r = t0 % bs;
+  const T* block = head + table[b] * bs * d;
+  for (int j = 0; j < n; ++j) {
+    rows[j] = block + r * d;
+    if (++r == bs && j + 1 < n) {
+      r = 0;
+      block = head + table[++b] * bs * d;
+    }
+  }
+  for (int j = n; j < 16; ++j) rows[j] = rows[0];
+}
+
+template <int D, int G, typename T>
+void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t start,
+                 int64_t L, float* scores, float* acc, float* denom) {
+  constexpr int V = D / 16;
+  const int64_t span = L - start;
+  v16 q[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < V; ++i) q[g][i] = load16(qf + g * D + 16 * i);
+  const T* rows[16];
+  const T* next[16] = {};
+  float kbuf[std::is_same_v<T, float> ? 1 : 16 * D];  // bfloat16 keys widened once per chunk
+  v16 m[G];
+  for (int g = 0; g < G; ++g) m[g] = splat16(-std::numeric_limits<float>::infinity());
+  chunk_rows(kh, table, bs, D, start, static_cast<int>(std::min<int64_t>(16, span)), rows);
+  for (int64_t c = 0; c < span; c += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, span - c));
+    if (c + 16 < span) {
+      chunk_rows(kh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
+      prefetch_rows(reinterpret_cast<const void* const*>(next), 16, D * sizeof(T));
+    }
+    const float* kr[16];
+    if constexpr (std::is_same_v<T, float>) {
+      for (int j = 0; j < 16; ++j) kr[j] = rows[j];
+    } else {
+      for (int j = 0; j < 16; ++j) {
+        for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(kbuf + j * D + 16 * i) = load16(rows[j] + 16 * i);
+        kr[j] = kbuf + j * D;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      v16 a[16];
+      for (int j = 0; j < 16; ++j) {
+        a[j] = q[g][0] * load16(kr[j]);
+        for (int i = 1; i < V; ++i) a[j] += q[g][i] * load16(kr[j] + 16 * i);
+      }
+      v16 s = sum16(a);
+      if (n < 16)
+        for (int j = n; j < 16; ++j) s[j] = -std::numeric_limits<float>::infinity();
+      m[g] = m[g] > s ? m[g] : s;
+      if (n == 16) {
+        *reinterpret_cast<v16*>(scores + g * span + c) = s;
+      } else {
+        for (int j = 0; j < n; ++j) scores[g * span + c + j] = s[j];
+      }
+    }
+    for (int j = 0; j < 16; ++j) rows[j] = next[j];
+  }
+  for (int g = 0; g < G; ++g) {
+    float mx = m[g][0];
+    for (int l = 1; l < 16; ++l) mx = std::max(mx, m[g][l]);
+    float* s = scores + g * span;
+    v16 sum = {};
+    int64_t j = 0;
+    for (; j + 16 <= span; j += 16) {
+      const v16 e = exp16(load16(s + j) - mx);
+      *reinterpret_cast<v16*>(s + j) = e;
+      sum += e;
+    }
+    float tot = 0.f;
+    for (int l = 0; l < 16; ++l) tot += sum[l];
+    for (; j < span; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      tot += s[j];
+    }
+    denom[g] = tot;
+  }
+  // Accumulators: G x C vectors, C the most of the head's V vectors that keep them within 24
+  // registers.
+  constexpr int C = G * V <= 24 ? V : (G * (V / 2) <= 24 ? V / 2 : (V % 4 == 0 && G * (V / 4) <= 24 ? V / 4 : 1));
+  for (int c0 = 0; c0 < V; c0 += C) {
+    v16 a[G][C] = {};
+    for (int64_t c = 0; c < span; c += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, span - c));
+      chunk_rows(vh, table, bs, D, start + c, n, rows);
+      if (c + 16 < span && c0 == 0) {
+        chunk_rows(vh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
+        prefetch_rows(reinterpret_cast<const void* const*>(next), 16, D * sizeof(T));
+      }
+      for (int j = 0; j < n; ++j) {
+        v16 vv[C];
+        for (int i = 0; i < C; ++i) vv[i] = load16(rows[j] + 16 * (c0 + i));
+        for (int g = 0; g < G; ++g) {
+          const v16 p = splat16(scores[g * span + c + j]);
+          for (int i = 0; i < C; ++i) a[g][i] += p * vv[i];
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < C; ++i) *reinterpret_cast<v16*>(acc + g * D + 16 * (c0 + i)) = a[g][i];
+  }
+}
+#endif
+
 // Runs fn(std::integral_constant<int, G>) for G in 1..8; false for larger groups.
 template <typename Fn>
 inline bool with_group(int64_t G, Fn&& fn) {
@@ -177,6 +348,14 @@ inline void axpy(float p, const T* v, float* acc, int64_t d) {
   for (int64_t x = 0; x < d; ++x) acc[x] += p * static_cast<float>(v[x]);
 }
 
+template <typename T>
+inline void store_out(T* o, int64_t os1, const float* acc, const float* denom, int64_t G, int64_t d) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = 1.f / denom[g];
+    for (int64_t x = 0; x < d; ++x) o[g * os1 + x] = static_cast<T>(acc[g * d + x] * inv);
+  }
+}
+
 template <int64_t D, typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window,
@@ -204,10 +383,22 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       for (int64_t g = 0; g < G; ++g)
         for (int64_t x = 0; x < d; ++x)
           qf[g * d + x] = static_cast<float>(qp[i * qs0 + (h * G + g) * qs1 + x]) * sc;
-      scores.resize(G * span);
+      scores.resize(G * span + 16);
       const T* kh = kp + h * num_blocks * bs * d;
       const T* vh = vp + h * num_blocks * bs * d;
       const int64_t* table = tp + i * ts0;
+      std::vector<float> denom(G);
+#if defined(__AVX512F__)
+      if constexpr (D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
+        if (with_group(G, [&](auto g) {
+              avx512_head<D, decltype(g)::value>(qf.data(), kh, vh, table, bs, start, L, scores.data(), acc.data(),
+                                                 denom.data());
+            })) {
+          store_out(op + i * os0 + h * G * os1, os1, acc.data(), denom.data(), G, d);
+          continue;
+        }
+      }
+#endif
       // scores[g * span + (t - start)] = q_g . k_t
       constexpr bool blocked = D > 0 && D % 32 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
       bool done = false;
@@ -219,7 +410,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         for_each_row(kh, table, bs, d, start, L, [&](int64_t t, const T* kr) {
           for (int64_t g = 0; g < G; ++g) scores[g * span + t - start] = dot<D>(&qf[g * d], kr, d);
         });
-      std::vector<float> denom(G);
       for (int64_t g = 0; g < G; ++g) {
         float* s = &scores[g * span];
         float m = -std::numeric_limits<float>::infinity();
@@ -238,11 +428,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           for (int64_t g = 0; g < G; ++g) axpy<D>(scores[g * span + t - start], vr, &acc[g * d], d);
         });
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / denom[g];
-        T* o = op + i * os0 + (h * G + g) * os1;
-        for (int64_t x = 0; x < d; ++x) o[x] = static_cast<T>(acc[g * d + x] * inv);
-      }
+      store_out(op + i * os0 + h * G * os1, os1, acc.data(), denom.data(), G, d);
     }
   });
 }
