@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from tpkernels import native
+from tpkernels import gemm, native
 from worker.attention import AttentionMetadata, paged_attention
 from worker.kv_cache import KVCache
 from worker.step import StepInput
@@ -94,12 +94,15 @@ CASES = [  # dtype, head_dim, q_heads, kv_heads, window
     (torch.float32, 128, 4, 2, 33),
     (torch.bfloat16, 64, 9, 3, None),
     (torch.float16, 128, 8, 2, 20),
+    (torch.float32, 64, 7, 1, None),  # AVX-512: the V sum in two passes of the head
+    (torch.bfloat16, 128, 12, 2, 9),
 ]
 
 
 @pytest.mark.parametrize("dtype,d,hq,hkv,window", CASES)
-def test_kernel_matches_reference(dtype, d, hq, hkv, window, kern):
-    bs, num_blocks, n = 16, 160, 7
+@pytest.mark.parametrize("bs", [16, 5])  # 16-key chunks that match blocks, and that straddle them
+def test_kernel_matches_reference(dtype, d, hq, hkv, window, bs, kern):
+    num_blocks, n = 160 * 16 // bs, 7
     rng = random.Random(d * 31 + hq)
     k, v = _random_cache(num_blocks, bs, hkv, d, dtype, seed=d + hq)
     lens = torch.tensor([1, 2, 15, 16, 17, 100, 255][:n], dtype=torch.int64)
@@ -117,6 +120,20 @@ def test_kernel_matches_reference(dtype, d, hq, hkv, window, kern):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     err = (out.double() - ref).abs().max().item()
     assert err < tol, f"max abs error {err:.3g} (tolerance {tol})"
+
+
+@pytest.mark.parametrize("n_keys", [5, 16, 37])
+def test_kernel_with_every_score_far_below_zero(n_keys, kern):
+    # Scores of about -600: softmax must shift by their own maximum, not by zero (e^-600 is 0).
+    k, v = _random_cache(8, 16, 1, 64, torch.float32, seed=1)
+    u = torch.ones(64)
+    k += 3 * u.repeat(16)  # every key near 3u
+    q = (-25 * u).expand(1, 3, 64).contiguous()
+    tables, lens = torch.tensor([[4, 1, 6]]), torch.tensor([n_keys])
+    out = torch.empty_like(q)
+    kern.paged_decode_attention(q, k, v, tables, lens, 0.125, None, out)
+    ref = _reference(q, k, v, tables, lens, 16, 0.125, None)
+    assert (out.double() - ref).abs().max().item() < 1e-4
 
 
 def test_kernel_single_token_is_its_value(kern):
@@ -178,22 +195,55 @@ def test_small_linear_matches_float64(m, k, n, bias, kern):
     assert (got.double() - ref).abs().max().item() < tol
 
 
-def test_linear_uses_the_kernel_for_decode_sized_inputs_only():
+def _f64_linear(x, w, b):
+    return torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype):
+    """By default a CPU product holds its weight in oneDNN's layout, and no plain copy; inputs of
+    every size take it and match a float64 product of the same (bf16-rounded) numbers."""
     from sharding.layers import Linear
 
     torch.manual_seed(0)
+    w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    lin = Linear(w, b)
+    assert lin.small == lin.large == "onednn" and lin.weight.is_mkldnn
+    for rows in (1, 2, gemm.TINY_MAX_ROWS, gemm.TINY_MAX_ROWS + 1, 48, 200):
+        x = torch.randn(rows, 64).to(dtype)
+        ref = _f64_linear(x, w, b)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2 * ref.abs().max().item()
+        assert (lin(x).double() - ref).abs().max().item() < tol, rows
+
+
+def test_blas_keeps_plain_weights_with_the_gemv_for_decode_sized_inputs(monkeypatch):
+    from sharding.layers import Linear
+
+    monkeypatch.setenv("TPSERVE_GEMM", "blas")
+    torch.manual_seed(0)
     w, b = torch.randn(96, 64), torch.randn(96)
     lin = Linear(w, b)
-    assert lin.tiny == "native"
-    for rows in (1, native.DECODE_MAX_ROWS, native.DECODE_MAX_ROWS + 1):
+    assert (lin.small, lin.large) == ("native", "torch") and lin.weight is w
+    for rows in (1, gemm.TINY_MAX_ROWS, gemm.TINY_MAX_ROWS + 1):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), atol=2e-5, rtol=0)
+    big = torch.randn(gemm.TINY_MAX_ROWS + 1, 64)
+    assert torch.equal(lin(big), torch.nn.functional.linear(big, w, b))  # BLAS itself
 
 
-def test_the_models_kernel_choice_decides_its_products(smollm2_dir):
-    """One decision: every projection and the LM head take the model's `Kernels`, so a model built
-    with kernels="torch" runs no native kernel anywhere, and the native choice puts the GEMV in all
-    of them (the way it is chosen for a weight is checked below it)."""
+def test_gemm_choice_is_checked_and_what_onednn_cannot_take_stays_plain(monkeypatch):
+    w = torch.randn(96, 64)
+    assert gemm.pack(w.half()) is None  # no float16 packing: BLAS
+    assert gemm.pack(torch.empty(0, 64)) is None
+    monkeypatch.setenv("TPSERVE_GEMM", "sometimes")
+    with pytest.raises(ValueError, match="TPSERVE_GEMM must be one of"):
+        gemm.pack(w)
+
+
+def test_the_models_kernel_choice_decides_its_products(smollm2_dir, monkeypatch):
+    """One decision: every projection and the LM head take the model's `Kernels`. Both kernel sets
+    pack every weight for oneDNN (torch's own); with plain weights (TPSERVE_GEMM=blas) only the
+    native set runs our GEMV, and a model built with kernels="torch" runs no native kernel."""
     from sharding.arch import ModelConfig
     from sharding.group import TPGroup
     from sharding.plan import ShardingPlan
@@ -210,87 +260,32 @@ def test_the_models_kernel_choice_decides_its_products(smollm2_dir):
         out = [m.lm_head.linear]
         for layer in m.layers:
             out += [layer.attn.wqkv.linear, layer.attn.wo.linear, layer.mlp.w_in.linear, layer.mlp.w_out.linear]
-        return out
+        return {(p.small, p.large) for p in out}
 
-    assert {p.tiny for p in products("native")} == {"native"}
-    assert "native" not in {k for p in products("torch") for k in (p.tiny, p.small)}
+    assert products("native") == products("torch") == {("onednn", "onednn")}
+    monkeypatch.setenv("TPSERVE_GEMM", "blas")
+    assert products("native") == {("native", "torch")}
+    assert products("torch") == {("torch", "torch")}
 
     w = torch.randn(96, 64)
     cpu = torch.device("cpu")
-    assert Kernels.select(cpu, torch.float16, "native").matmul(w.half()).tiny != "native"  # no fp16 GEMV
-    assert Kernels.select(cpu, torch.float32, "native").matmul(w[:, ::2]).tiny != "native"  # strided weight
-
-
-@pytest.mark.parametrize("choice", ["blas", "onednn"])
-def test_larger_inputs_take_the_chosen_matrix_product(monkeypatch, choice):
-    """TPSERVE_GEMM overrides the timing (`gemm.onednn_is_faster`); each choice is that kernel, exactly."""
-    from sharding.layers import Linear
-    from tpkernels import gemm
-
-    monkeypatch.setenv("TPSERVE_GEMM", choice)
-    torch.manual_seed(1)
-    w, b = torch.randn(96, 64), torch.randn(96)
-    big = torch.randn(native.DECODE_MAX_ROWS + 1, 64)
-    lin = Linear(w, b)
-    assert lin.medium == lin.large == ("onednn" if choice == "onednn" else "torch")
-    expect = gemm.onednn(big, w, b) if choice == "onednn" else torch.nn.functional.linear(big, w, b)
-    assert torch.equal(lin(big), expect)
-    torch.testing.assert_close(lin(big), big.double().matmul(w.double().T).add(b.double()).float(), atol=2e-5, rtol=0)
+    assert Kernels.select(cpu, torch.float16, "native").matmul(w.half()).small == "torch"  # no fp16 GEMV
+    assert Kernels.select(cpu, torch.float32, "native").matmul(w[:, ::2]).small == "torch"  # strided weight
 
 
 def test_each_size_class_runs_its_own_kernel(monkeypatch):
-    """Inputs of 1-8, 9-16, 17-64 and more rows each go to the kernel chosen for their class (the
-    kernels replaced by ones that say who ran: several of them give bit-identical results here)."""
+    """Inputs of up to TINY_MAX_ROWS rows run `small`, larger ones `large` (the kernels replaced by
+    ones that say who ran)."""
     import tpkernels
-    from tpkernels import Matmul, gemm
+    from tpkernels import Matmul
 
     for name, module, attr in (("native", native, "small_linear"), ("onednn", gemm, "onednn"),
                                ("torch", tpkernels.F, "linear")):
         monkeypatch.setattr(module, attr, lambda x, w, b, name=name: (name, x.shape[0]))
-    m = Matmul(torch.zeros(96, 64), None, tiny="native", small="onednn", medium="native", large="torch")
-    for rows, kernel in ((1, "native"), (gemm.TINY_MAX_ROWS, "native"), (gemm.TINY_MAX_ROWS + 1, "onednn"),
-                         (native.DECODE_MAX_ROWS, "onednn"), (native.DECODE_MAX_ROWS + 1, "native"),
-                         (gemm.MEDIUM_MAX_ROWS, "native"), (gemm.MEDIUM_MAX_ROWS + 1, "torch")):
-        assert m(torch.zeros(rows, 64)) == (kernel, rows)
-
-
-@pytest.mark.parametrize("onednn_wins", [True, False])
-def test_9_to_16_rows_take_whichever_of_gemv_and_onednn_is_faster(monkeypatch, onednn_wins):
-    from tpkernels import Kernels, gemm
-
-    assert native.available()
-    monkeypatch.setattr(gemm, "onednn_beats_gemv", lambda w: onednn_wins)
-    product = Kernels.select(torch.device("cpu"), torch.float32, "native").matmul(torch.randn(96, 64))
-    assert product.tiny == "native" and product.small == ("onednn" if onednn_wins else "native")
-
-
-def test_the_gemv_against_onednn_is_timed_once_per_shape(monkeypatch):
-    from tpkernels import gemm
-
-    assert native.available()
-    monkeypatch.setattr(gemm, "_gemv_slower", {})
-    w = torch.randn(80, 48)
-    first = gemm.onednn_beats_gemv(w)
-    assert list(gemm._gemv_slower.values()) == [first]
-    gemm._gemv_slower[next(iter(gemm._gemv_slower))] = not first
-    assert gemm.onednn_beats_gemv(w) is (not first)
-
-
-def test_the_faster_product_is_timed_once_per_shape(monkeypatch):
-    from tpkernels import gemm
-
-    monkeypatch.delenv("TPSERVE_GEMM", raising=False)
-    monkeypatch.setattr(gemm, "_faster", {})
-    w = torch.randn(80, 48)
-    first = gemm.onednn_is_faster(w)
-    assert list(gemm._faster.values()) == [first]
-    gemm._faster[next(iter(gemm._faster))] = not first  # a cached answer is not timed again
-    assert gemm.onednn_is_faster(w) is (not first)
-    gemm.onednn_is_faster(w, gemm.MEDIUM_ROWS)  # each size class is timed on its own
-    assert len(gemm._faster) == 2
-    monkeypatch.setenv("TPSERVE_GEMM", "sometimes")
-    with pytest.raises(ValueError, match="TPSERVE_GEMM must be one of"):
-        gemm.onednn_is_faster(w)
+    for small, large in (("native", "torch"), ("onednn", "native"), ("torch", "onednn")):
+        m = Matmul(torch.zeros(96, 64), None, small=small, large=large)
+        for rows, kernel in ((1, small), (gemm.TINY_MAX_ROWS, small), (gemm.TINY_MAX_ROWS + 1, large), (500, large)):
+            assert m(torch.zeros(rows, 64)) == (kernel, rows)
 
 
 def test_add_rms_norm_matches_float64(kern):

@@ -16,15 +16,13 @@ decode attention, that a kernel can do straight from the paged cache. Three sets
 `Kernels.select` makes the per-model choice; `Kernels.ops(tokens)` gives a step its set, which
 the step's `Batch` carries to every layer.
 
-Matrix products have three kernels on CPU. Decode-sized inputs (at most `native.DECODE_MAX_ROWS`
-rows) are memory-bound: our matrix-vector kernel (`native.small_linear`) streams the weight once at
-close to memory bandwidth; where it is not built, oneDNN; MKL's BLAS, which `F.linear` uses,
-re-packs the weight per call and runs those shapes 1.3-2.5x slower. Up to `gemm.TINY_MAX_ROWS` the
-GEMV always runs; from there to 16 rows oneDNN's blocking can already win (it did from 9 rows on
-an AMD Zen 5), so that class is timed per weight (`gemm.onednn_beats_gemv`). Larger inputs (prefill, large
-decode batches) are compute-bound and go to whichever of BLAS and oneDNN is faster on this CPU for
-the weight's shape and the input's size class, 17-64 rows or more (`gemm.onednn_is_faster`). The kernels sum in different orders (all
-fp32-accurate), which moves logits by ~1e-5 to 1e-4. On CUDA every product is `F.linear`.
+Matrix products on CPU run on oneDNN with each weight packed once into its blocked layout
+(`gemm.pack`, see `tpkernels.gemm`), for every size of input: on the CPU measured (AMD Zen 5) it beat
+both MKL's BLAS and our own matrix-vector kernel from a handful of rows up, and in bfloat16 everywhere.
+Where oneDNN cannot take a weight (float16, a torch without oneDNN, ``TPSERVE_GEMM=blas``) the
+weight stays plain: up to `gemm.TINY_MAX_ROWS` rows our GEMV (`native.small_linear`) streams it,
+larger inputs go to `F.linear`. On CUDA every product is `F.linear`. The kernels sum in different
+orders (all fp32-accurate), which moves logits by ~1e-5 to 1e-4.
 """
 
 from __future__ import annotations
@@ -124,26 +122,22 @@ TORCH_OPS = TorchOps()
 
 
 class Matmul:
-    """y = x Wᵀ (+ b) on one weight, with the kernel for each call picked by its rows: `tiny` up to
-    `gemm.TINY_MAX_ROWS`, `small` up to `native.DECODE_MAX_ROWS`, `medium` up to
-    `gemm.MEDIUM_MAX_ROWS`, `large` above; each one of "native" | "onednn" | "torch", decided by
+    """y = x Wᵀ (+ b) on one weight: inputs of up to `gemm.TINY_MAX_ROWS` rows run `small`, larger
+    ones `large`; each one of "onednn" (the weight is packed) | "native" | "torch", decided by
     `Kernels.matmul`."""
 
-    __slots__ = ("weight", "bias", "tiny", "small", "medium", "large")
+    __slots__ = ("weight", "bias", "small", "large")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tiny: str, small: str, medium: str,
-                 large: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, small: str, large: str):
         self.weight, self.bias = weight, bias
-        self.tiny, self.small, self.medium, self.large = tiny, small, medium, large
+        self.small, self.large = small, large
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        kernel = (self.tiny if rows <= gemm.TINY_MAX_ROWS else self.small if rows <= native.DECODE_MAX_ROWS
-                  else self.medium if rows <= gemm.MEDIUM_MAX_ROWS else self.large)
-        if kernel == "native":
-            return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
+        kernel = self.small if x.shape[0] <= gemm.TINY_MAX_ROWS else self.large
         if kernel == "onednn":
             return gemm.onednn(x, self.weight, self.bias)
+        if kernel == "native":
+            return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -157,22 +151,15 @@ class Kernels:
     decode_attention: Callable | None
 
     def matmul(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Matmul:
-        """The product with `weight` (out, in) (+ `bias`), its kernels chosen here: see the module."""
-        tiny = small = medium = large = "torch"
-        if weight.device.type == "cpu" and weight.numel() > 0:
-            onednn = gemm.onednn_usable(weight)
-            gemv = self.name == "native" and weight.dtype in native.SMALL_DTYPES and weight.is_contiguous()
-            if onednn and weight.dtype in native.SMALL_DTYPES:
-                tiny = small = "onednn"
-            if gemv:  # batch 1 to 8: the GEMV; 9 to 16: the GEMV where it beats oneDNN on this weight
-                tiny = "native"
-                if not onednn or not gemm.onednn_beats_gemv(weight):
-                    small = "native"
-            if onednn and gemm.onednn_is_faster(weight, gemm.MEDIUM_ROWS):
-                medium = "onednn"
-            if onednn and gemm.onednn_is_faster(weight, gemm.LARGE_ROWS):
-                large = "onednn"
-        return Matmul(weight, bias, tiny, small, medium, large)
+        """The product with `weight` (out, in) (+ `bias`), its kernels chosen here: see the module.
+        oneDNN is torch's own, so the plain "torch" kernels take it too; only the GEMV is ours."""
+        if weight.device.type == "cpu":
+            packed = gemm.pack(weight)
+            if packed is not None:
+                return Matmul(packed, bias, "onednn", "onednn")
+        gemv = (self.name == "native" and weight.device.type == "cpu" and weight.dtype in native.SMALL_DTYPES
+                and weight.is_contiguous() and weight.numel() > 0)
+        return Matmul(weight, bias, "native" if gemv else "torch", "torch")
 
     def ops(self, num_tokens: int):
         """The op set of a step of `num_tokens` tokens."""

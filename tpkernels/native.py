@@ -30,8 +30,9 @@ v4 = AVX-512), each under its own operator namespace, so the tests check every p
 can execute against float64 (`variant`), and ``TPSERVE_NATIVE_ISA=x86-64-v3`` (read at import)
 serves from a lower level, e.g. to reproduce an AVX2-only machine's numbers on an AVX-512 one.
 
-DECODE_MAX_ROWS is where the small-input operations stop paying: past it, blocked GEMMs (oneDNN's or
-BLAS's, `tpkernels.gemm` times which) win.
+DECODE_MAX_ROWS: steps of up to this many tokens run the fused element-wise operations (add + RMS
+norm, rope, silu·up); larger ones run torch's operators. The GEMV (`small_linear`) serves only where
+weights stay plain (see `tpkernels.gemm`).
 """
 
 from __future__ import annotations
