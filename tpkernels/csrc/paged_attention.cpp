@@ -239,10 +239,9 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
   chunk_rows(kh, table, bs, D, start, static_cast<int>(std::min<int64_t>(16, span)), rows);
   for (int64_t c = 0; c < span; c += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, span - c));
-    if (c + 16 < span) {
+    const bool more = c + 16 < span;
+    if (more)
       chunk_rows(kh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
-      prefetch_rows(reinterpret_cast<const void* const*>(next), 16, D * sizeof(T));
-    }
     const float* kr[16];
     if constexpr (std::is_same_v<T, float>) {
       for (int j = 0; j < 16; ++j) kr[j] = rows[j];
@@ -255,6 +254,7 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
     for (int g = 0; g < G; ++g) {
       v16 a[16];
       for (int j = 0; j < 16; ++j) {
+        if (g == 0 && more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, D * sizeof(T));
         a[j] = q[g][0] * load16(kr[j]);
         for (int i = 1; i < V; ++i) a[j] += q[g][i] * load16(kr[j] + 16 * i);
       }
@@ -297,11 +297,11 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
     for (int64_t c = 0; c < span; c += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, span - c));
       chunk_rows(vh, table, bs, D, start + c, n, rows);
-      if (c + 16 < span && c0 == 0) {
+      const bool more = c + 16 < span && c0 == 0;
+      if (more)
         chunk_rows(vh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
-        prefetch_rows(reinterpret_cast<const void* const*>(next), 16, D * sizeof(T));
-      }
       for (int j = 0; j < n; ++j) {
+        if (more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, D * sizeof(T));
         v16 vv[C];
         for (int i = 0; i < C; ++i) vv[i] = load16(rows[j] + 16 * (c0 + i));
         for (int g = 0; g < G; ++g) {
