@@ -13,11 +13,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <immintrin.h>
 #include "library.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -316,6 +318,124 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// bfloat16 caches on CPUs with AVX512-BF16: `vdpbf16ps` multiplies pairs of bfloat16 and adds both
+// products into a float32 lane, so keys are dotted with q as stored (no widening, half the
+// instructions) and the V sum takes two cached tokens per instruction: their rows interleaved
+// word by word, against their two probabilities rounded to bfloat16, as torch's own CPU attention
+// rounds them before its P.V product. Scores, softmax and sums stay float32.
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+
+template <int D, int G>
+void avx512bf16_head(const c10::BFloat16* q0, int64_t qs1, float sc, const c10::BFloat16* kh,
+                     const c10::BFloat16* vh, const int64_t* table, int64_t bs, int64_t start, int64_t L,
+                     float* scores, uint16_t* probs, float* acc, float* denom) {
+  using T = c10::BFloat16;
+  constexpr int W = D / 32;  // 32-value groups of a head
+  const int64_t span = L - start;
+  const int64_t stride = span + 1;  // probabilities per query head, padded to whole pairs
+  __m512i q[G][W];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < W; ++i) q[g][i] = load512(q0 + g * qs1 + 32 * i);
+  const T* rows[16];
+  const T* next[16] = {};
+  v16 m[G];
+  for (int g = 0; g < G; ++g) m[g] = splat16(-std::numeric_limits<float>::infinity());
+  chunk_rows(kh, table, bs, D, start, static_cast<int>(std::min<int64_t>(16, span)), rows);
+  for (int64_t c = 0; c < span; c += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, span - c));
+    const bool more = c + 16 < span;
+    if (more)
+      chunk_rows(kh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
+    for (int g = 0; g < G; ++g) {
+      v16 a[16];
+      for (int j = 0; j < 16; ++j) {
+        if (g == 0 && more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, D * sizeof(T));
+        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[g][0]), as_bh(load512(rows[j])));
+        for (int i = 1; i < W; ++i) t = _mm512_dpbf16_ps(t, as_bh(q[g][i]), as_bh(load512(rows[j] + 32 * i)));
+        a[j] = reinterpret_cast<v16&>(t);
+      }
+      v16 s = sum16(a) * sc;
+      if (n < 16)
+        for (int j = n; j < 16; ++j) s[j] = -std::numeric_limits<float>::infinity();
+      m[g] = m[g] > s ? m[g] : s;
+      if (n == 16) {
+        *reinterpret_cast<v16*>(scores + g * span + c) = s;
+      } else {
+        for (int j = 0; j < n; ++j) scores[g * span + c + j] = s[j];
+      }
+    }
+    for (int j = 0; j < 16; ++j) rows[j] = next[j];
+  }
+  for (int g = 0; g < G; ++g) {
+    float mx = m[g][0];
+    for (int l = 1; l < 16; ++l) mx = std::max(mx, m[g][l]);
+    const float* s = scores + g * span;
+    uint16_t* pb = probs + g * stride;
+    v16 sum = {};
+    int64_t j = 0;
+    for (; j + 16 <= span; j += 16) {
+      const v16 e = exp16(load16(s + j) - mx);
+      sum += e;
+      const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(e));
+      std::memcpy(pb + j, &h, 32);
+    }
+    float tot = 0.f;
+    for (int l = 0; l < 16; ++l) tot += sum[l];
+    for (; j < span; ++j) {
+      const float e = std::exp(s[j] - mx);
+      tot += e;
+      pb[j] = c10::BFloat16(e).x;
+    }
+    pb[span] = 0;  // an odd last token's partner: probability 0
+    denom[g] = tot;
+  }
+  // Accumulator lane l of 32-value group w, half h (0: unpacklo, 1: unpackhi) holds value
+  // 32 w + 8 (l / 4) + 4 h + l % 4 of the head: the order `_mm512_unpack*_epi16` leaves.
+  constexpr int CW = [] { int c = W; while (c > 1 && (2 * G * c > 24 || W % c)) --c; return c; }();
+  for (int w0 = 0; w0 < W; w0 += CW) {
+    __m512 a[G][CW][2];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < CW; ++i) a[g][i][0] = a[g][i][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < span; c += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, span - c));
+      chunk_rows(vh, table, bs, D, start + c, n, rows);
+      const bool more = c + 16 < span && w0 == 0;
+      if (more)
+        chunk_rows(vh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
+      for (int j = 0; j < n; j += 2) {
+        if (more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 2, D * sizeof(T));
+        const T* r0 = rows[j];
+        const T* r1 = j + 1 < n ? rows[j + 1] : rows[j];
+        __m512i lo[CW], hi[CW];
+        for (int i = 0; i < CW; ++i) {
+          const __m512i x0 = load512(r0 + 32 * (w0 + i)), x1 = load512(r1 + 32 * (w0 + i));
+          lo[i] = _mm512_unpacklo_epi16(x0, x1);
+          hi[i] = _mm512_unpackhi_epi16(x0, x1);
+        }
+        for (int g = 0; g < G; ++g) {
+          uint32_t pp;
+          std::memcpy(&pp, probs + g * stride + c + j, 4);
+          const __m512bh p = as_bh(_mm512_set1_epi32(static_cast<int>(pp)));
+          for (int i = 0; i < CW; ++i) {
+            a[g][i][0] = _mm512_dpbf16_ps(a[g][i][0], as_bh(lo[i]), p);
+            a[g][i][1] = _mm512_dpbf16_ps(a[g][i][1], as_bh(hi[i]), p);
+          }
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < CW; ++i)
+        for (int h = 0; h < 2; ++h) {
+          alignas(64) float lanes[16];
+          _mm512_store_ps(lanes, a[g][i][h]);
+          for (int l = 0; l < 16; ++l) acc[g * D + 32 * (w0 + i) + 8 * (l / 4) + 4 * h + l % 4] = lanes[l];
+        }
+  }
+}
+#endif
+
 // Runs fn(std::integral_constant<int, G>) for G in 1..8; false for larger groups.
 template <typename Fn>
 inline bool with_group(int64_t G, Fn&& fn) {
@@ -375,6 +495,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 
   at::parallel_for(0, n * hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * d), acc(G * d), scores;
+    std::vector<uint16_t> probs;  // bfloat16 probabilities, AVX512-BF16 path
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i = w / hkv, h = w % hkv;
       const int64_t L = lp[i];
@@ -388,6 +509,18 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       const T* vh = vp + h * num_blocks * bs * d;
       const int64_t* table = tp + i * ts0;
       std::vector<float> denom(G);
+#if defined(__AVX512BF16__)
+      if constexpr (D > 0 && D % 32 == 0 && std::is_same_v<T, c10::BFloat16>) {
+        probs.resize(G * (span + 1));
+        if (with_group(G, [&](auto g) {
+              avx512bf16_head<D, decltype(g)::value>(qp + i * qs0 + h * G * qs1, qs1, sc, kh, vh, table, bs, start, L,
+                                                     scores.data(), probs.data(), acc.data(), denom.data());
+            })) {
+          store_out(op + i * os0 + h * G * os1, os1, acc.data(), denom.data(), G, d);
+          continue;
+        }
+      }
+#endif
 #if defined(__AVX512F__)
       if constexpr (D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
         if (with_group(G, [&](auto g) {
