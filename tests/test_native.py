@@ -147,9 +147,12 @@ def test_kernel_single_token_is_its_value(kern):
 
 
 @pytest.mark.parametrize("hq,hkv,window", [(9, 3, None), (4, 2, 5)])
-def test_paged_attention_native_equals_torch_path(hq, hkv, window):
-    """A step of six decodes and two prefill chunks (one of them with cached context) through
-    `paged_attention`, with and without the kernel: the outputs agree."""
+@pytest.mark.parametrize("paged_prefill", [False, True])
+def test_paged_attention_native_equals_torch_path(hq, hkv, window, paged_prefill):
+    """A step of six decodes and three prefill chunks (one of them with cached context, one long)
+    through `paged_attention`, with and without the kernel, which takes the short cached chunk, or
+    with `paged_prefill` every chunk: the outputs agree."""
+    assert native.available()
     bs, num_blocks, d = 16, 96, 64
     torch.manual_seed(7)
     kv = KVCache(1, hkv, d, num_blocks, bs, torch.float32, CPU)
@@ -167,14 +170,18 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window):
         seqs.append(([1], cached, table(cached + 1)))
     seqs.append(([1] * 20, 0, table(20)))  # a fresh prefill
     seqs.append(([1] * 9, 37, table(46)))  # a later chunk of a long prompt
+    seqs.append(([1] * 100, 0, table(100)))  # a prompt longer than the short-chunk limit
     step = StepInput.build(seqs, bs)
     n = step.num_tokens
     q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
     cache.write(step.slot_mapping, k, v)
     outs = []
     for kernel in (None, native.paged_decode_attention):
-        meta = AttentionMetadata.build(step, bs, {window}, hkv, kv.blocks_per_head, CPU, kernel)
+        meta = AttentionMetadata.build(step, bs, {window}, hkv, kv.blocks_per_head, CPU, kernel,
+                                       paged_prefill=paged_prefill)
         assert (meta.paged_decodes is not None) == (kernel is not None)
+        if kernel is not None:  # the chunks SDPA still takes
+            assert [c.stop - c.start for c in meta.prefills] == ([] if paged_prefill else [20, 100])
         outs.append(paged_attention(q, k, v, cache, meta, window, d ** -0.5))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
@@ -404,3 +411,14 @@ def test_bf16_model_with_the_machines_attention_path_is_within_1_5x_transformers
     ours = gc.max_err(gc.teacher_forced(runner, gc.PROMPTS, tokens), ref)
     print(f"bf16 max abs logit error: ours {ours:.4g}, transformers {theirs:.4g}, ratio {ours / theirs:.2f}")
     assert 0 < ours <= gc.BF16_FACTOR * theirs, f"bf16 max |dlogit| {ours:.3g} vs transformers' own {theirs:.3g}"
+
+
+def test_prefill_attention_runs_on_the_paged_kernel_where_its_vector_paths_apply():
+    from tpkernels import Kernels
+
+    assert native.available()
+    for dtype in (torch.float32, torch.bfloat16):
+        kernels = Kernels.select(CPU, dtype, "native")
+        assert kernels.paged_prefill(64) and kernels.paged_prefill(128) and not kernels.paged_prefill(40)
+    assert not Kernels.select(CPU, torch.float16, "native").paged_prefill(64)
+    assert not Kernels.select(CPU, torch.float32, "torch").paged_prefill(64)

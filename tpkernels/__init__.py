@@ -149,6 +149,13 @@ class Kernels:
     # decode attention read through the block tables:
     # (q, k_cache, v_cache, block_tables, context_lens, scale, window, out) -> None
     decode_attention: Callable | None
+    # head sizes whose prefill attention also runs on `decode_attention`, a row per query token
+    # (the native kernel's vector paths: it ran 2-3x torch's CPU SDPA on 512-token prompts)
+    paged_prefill_head_multiple: int | None = None
+
+    def paged_prefill(self, head_dim: int) -> bool:
+        m = self.paged_prefill_head_multiple
+        return m is not None and head_dim % m == 0
 
     def matmul(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Matmul:
         """The product with `weight` (out, in) (+ `bias`), its kernels chosen here: see the module.
@@ -186,5 +193,5 @@ class Kernels:
                                  f"({native.unavailable_reason() or device})")
             small = dtype in native.SMALL_DTYPES
             return cls("native", NativeOps() if small else TORCH_OPS, native.DECODE_MAX_ROWS,
-                       native.paged_decode_attention)
+                       native.paged_decode_attention, 32 if small else None)
         return cls("torch", TORCH_OPS, None, None)

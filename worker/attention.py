@@ -94,11 +94,15 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, step: StepInput, block_size: int, windows: set, kv_heads: int, blocks_per_head: int,
-              device: torch.device, decode_kernel: Callable | None = None) -> "AttentionMetadata":
+              device: torch.device, decode_kernel: Callable | None = None,
+              paged_prefill: bool = False) -> "AttentionMetadata":
+        """`paged_prefill`: every prefill chunk goes to `decode_kernel`, a row per token (where the
+        kernel outruns SDPA at any length, see `tpkernels.Kernels`); else only short chunks over a
+        cached context do."""
         nd = step.num_decodes
         lens = step.query_lens.tolist(), step.context_lens.tolist()  # read back once per step
         if decode_kernel is not None:
-            paged_chunks = _short_cached_chunks(step, *lens)
+            paged_chunks = _paged_chunks(step, *lens, paged_prefill)
             prefills = _prefills(step, *lens, block_size, windows, kv_heads, blocks_per_head, device,
                                  skip=paged_chunks)
             rows = _paged_rows(step, *lens, paged_chunks, decode_kernel, device)
@@ -140,10 +144,11 @@ def _gathered(tables: torch.Tensor, longest: int, block_size: int, kv_heads: int
     return Gathered(rows.to(device), tables.shape[0], nb * block_size)
 
 
-def _short_cached_chunks(step: StepInput, qlens: list[int], clens: list[int]) -> set[int]:
-    """The prefill sequences whose chunk the paged kernel takes: a cached context, few tokens."""
+def _paged_chunks(step: StepInput, qlens: list[int], clens: list[int], every: bool) -> set[int]:
+    """The prefill sequences whose chunk the paged kernel takes: all (`every`), or those with a
+    cached context and few tokens."""
     return {s for s in range(step.num_decodes, step.num_seqs)
-            if qlens[s] < clens[s] and qlens[s] <= PAGED_CHUNK_TOKENS}
+            if every or (qlens[s] < clens[s] and qlens[s] <= PAGED_CHUNK_TOKENS)}
 
 
 def _paged_rows(step: StepInput, qlens: list[int], clens: list[int], chunks: set[int], kernel: Callable,
@@ -162,7 +167,8 @@ def _paged_rows(step: StepInput, qlens: list[int], clens: list[int], chunks: set
             tokens += range(start, start + T)
         start += T
     t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-    return PagedDecodes(step.block_tables[seqs].to(device), t(lens), kernel, t(tokens))
+    every = len(tokens) == start  # all the step's tokens in packed order: no index needed
+    return PagedDecodes(step.block_tables[seqs].to(device), t(lens), kernel, None if every else t(tokens))
 
 
 def _prefills(step, qlens: list[int], clens: list[int], block_size, windows, kv_heads, blocks_per_head, device,

@@ -181,7 +181,8 @@ class Transformer:
             positions=positions,
             logits_indices=step.logits_indices.to(self.device),
             attn=AttentionMetadata.build(step, cache.block_size, self.windows, self.plan.num_kv_heads,
-                                         cache.blocks_per_head, self.device, self.kernels.decode_attention),
+                                         cache.blocks_per_head, self.device, self.kernels.decode_attention,
+                                         self.kernels.paged_prefill(self.cfg.head_dim)),
             rope=self.rope.tables(positions) if self.rope is not None else None,
             ops=self.kernels.ops(positions.shape[0]),
         )
