@@ -295,9 +295,14 @@ def test_each_size_class_runs_its_own_kernel(monkeypatch):
             assert m(torch.zeros(rows, 64)) == (kernel, rows)
 
 
-def test_add_rms_norm_matches_float64(kern):
+ROWS = [5, 300]  # a decode step's rows; a prefill's, split over threads in tasks of 32 rows
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_add_rms_norm_matches_float64(rows, kern):
     g = torch.Generator().manual_seed(1)
-    x, delta, w = torch.randn(5, 576, generator=g), torch.randn(5, 576, generator=g), torch.randn(576, generator=g)
+    x, delta = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g)
+    w = torch.randn(576, generator=g)
     residual, out = kern.add_rms_norm(x, delta, w, 1e-5)
     s = x.double() + delta.double()
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
@@ -305,11 +310,12 @@ def test_add_rms_norm_matches_float64(kern):
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
-def test_rope_in_place_on_a_strided_view_matches_the_torch_formula(kern):
+@pytest.mark.parametrize("n", [3, 300])
+def test_rope_in_place_on_a_strided_view_matches_the_torch_formula(n, kern):
     from tpkernels import apply_rope
 
     g = torch.Generator().manual_seed(2)
-    n, h, d = 3, 9, 64
+    h, d = 9, 64
     qkv = torch.randn(n, (h + 6) * d, generator=g)
     q = qkv[:, :h * d].view(n, h, d)
     untouched = qkv[:, h * d:].clone()
@@ -350,21 +356,24 @@ def test_small_linear_bf16_matches_float64(m, k, n, bias, kern):
     assert bool((err <= ref.abs() * BF16_STEP + 4e-6 * k ** 0.5).all()), err.max()
 
 
-def test_bf16_elementwise_operations_round_where_torch_rounds(kern):
+@pytest.mark.parametrize("rows", ROWS)
+def test_bf16_elementwise_operations_round_where_torch_rounds(rows, kern):
     from tpkernels import apply_rope
 
     g = torch.Generator().manual_seed(9)
-    x, delta = (torch.randn(4, 576, generator=g).bfloat16() for _ in range(2))
+    x, delta = (torch.randn(rows, 576, generator=g).bfloat16() for _ in range(2))
     w = torch.randn(576, generator=g).bfloat16()
     residual, out = kern.add_rms_norm(x, delta, w, 1e-5)
     assert torch.equal(residual, x + delta)
     h = residual.float()
     hf = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()  # transformers' RMSNorm
-    assert _within_steps(out, hf)  # the sum of squares may run in another order
+    # The sum of squares may run in another order: where h·inv lies at a rounding boundary its
+    # bfloat16 can differ by a step, and the product with w is rounded again (300 rows meet it).
+    assert _within_steps(out, hf, steps=2)
 
-    qkv = torch.randn(3, 12 * 64, generator=g).bfloat16()
-    q = qkv[:, :9 * 64].view(3, 9, 64)
-    angles = torch.rand(3, 1, 32, generator=g) * 6.3
+    qkv = torch.randn(rows, 12 * 64, generator=g).bfloat16()
+    q = qkv[:, :9 * 64].view(rows, 9, 64)
+    angles = torch.rand(rows, 1, 32, generator=g) * 6.3
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
     expect = apply_rope(q.clone(), cos, sin)
     kern.rope_(q, cos, sin)
@@ -376,10 +385,12 @@ def test_bf16_elementwise_operations_round_where_torch_rounds(kern):
 
 
 def test_bf16_decode_steps_run_the_native_operations():
-    from tpkernels import Kernels, NativeOps
+    from tpkernels import Kernels, NativeOps, TorchOps
 
     kernels = Kernels.select(torch.device("cpu"), torch.bfloat16)
-    assert isinstance(kernels.ops(1), NativeOps) and kernels.ops(native.DECODE_MAX_ROWS + 1).name == "torch"
+    assert isinstance(kernels.ops(1), NativeOps) and kernels.ops(1).silu_mul is not TorchOps.silu_mul
+    large = kernels.ops(native.DECODE_MAX_ROWS + 1)  # ours, but torch's vectorised silu·up
+    assert isinstance(large, NativeOps) and large.silu_mul is TorchOps.silu_mul
 
 
 def test_bf16_model_with_the_machines_attention_path_is_within_1_5x_transformers_own_error(tmp_path):

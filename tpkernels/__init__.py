@@ -79,7 +79,14 @@ class TorchOps:
 
 
 class NativeOps:
+    """`large`: the op set of steps above `native.DECODE_MAX_ROWS` tokens, whose silu·up is
+    torch's (vectorised exp; ours is a scalar exp per value, fine for a decode step's rows)."""
+
     name = "native"
+
+    def __init__(self, large: bool = False):
+        if large:
+            self.silu_mul = TorchOps.silu_mul
 
     @staticmethod
     def add_rms_norm(x, delta, weight, eps):
@@ -145,13 +152,14 @@ class Matmul:
 class Kernels:
     name: str  # "torch" | "native" | "triton"
     fused: object  # the op set of steps it applies to
-    fused_max_tokens: int | None  # steps above this many tokens use TORCH_OPS; None: no limit
+    fused_max_tokens: int | None  # steps above this many tokens use `fused_large`; None: no limit
     # decode attention read through the block tables:
     # (q, k_cache, v_cache, block_tables, context_lens, scale, window, out) -> None
     decode_attention: Callable | None
     # head sizes whose prefill attention also runs on `decode_attention`, a row per query token
     # (the native kernel's vector paths: it ran 2-3x torch's CPU SDPA on 512-token prompts)
     paged_prefill_head_multiple: int | None = None
+    fused_large: object = TORCH_OPS  # the op set of steps above fused_max_tokens
 
     def paged_prefill(self, head_dim: int) -> bool:
         m = self.paged_prefill_head_multiple
@@ -172,7 +180,7 @@ class Kernels:
         """The op set of a step of `num_tokens` tokens."""
         if self.fused_max_tokens is None or num_tokens <= self.fused_max_tokens:
             return self.fused
-        return TORCH_OPS
+        return self.fused_large
 
     @classmethod
     def select(cls, device: torch.device, dtype: torch.dtype, choice: str = "auto") -> "Kernels":
@@ -193,5 +201,6 @@ class Kernels:
                                  f"({native.unavailable_reason() or device})")
             small = dtype in native.SMALL_DTYPES
             return cls("native", NativeOps() if small else TORCH_OPS, native.DECODE_MAX_ROWS,
-                       native.paged_decode_attention, 32 if small else None)
+                       native.paged_decode_attention, 32 if small else None,
+                       NativeOps(large=True) if small else TORCH_OPS)
         return cls("torch", TORCH_OPS, None, None)

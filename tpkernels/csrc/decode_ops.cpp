@@ -140,9 +140,12 @@ void small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 }
 
 // residual = x + delta; out = residual * rsqrt(mean(residual^2) + eps) * weight, row by row.
+constexpr int64_t ROWS_PER_TASK = 32;  // a decode step's few rows stay on one thread: a thread costs more
+
 template <typename T>
 void add_rms_norm_impl(const T* xp, const T* dp, const T* wp, float e, T* rp, T* op, int64_t m, int64_t h) {
-  for (int64_t i = 0; i < m; ++i) {  // a few rows of a few KB: threads would cost more than they save
+  at::parallel_for(0, m, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
     const T *xi = xp + i * h, *di = dp + i * h;
     T *ri = rp + i * h, *oi = op + i * h;
     float ss = 0.f;
@@ -156,6 +159,7 @@ void add_rms_norm_impl(const T* xp, const T* dp, const T* wp, float e, T* rp, T*
 #pragma omp simd
     for (int64_t j = 0; j < h; ++j) oi[j] = from_f<T>(to_f(wp[j]) * round_to<T>(to_f(ri[j]) * inv));
   }
+  });
 }
 
 void add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps,
@@ -180,7 +184,8 @@ void add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor
 
 template <typename T>
 void rope_impl(T* xp, const T* cp, const T* sp, int64_t m, int64_t heads, int64_t half, int64_t s0, int64_t s1) {
-  for (int64_t i = 0; i < m; ++i)
+  at::parallel_for(0, m, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i)
     for (int64_t hd = 0; hd < heads; ++hd) {
       T* a = xp + i * s0 + hd * s1;
       T* b = a + half;
@@ -192,6 +197,7 @@ void rope_impl(T* xp, const T* cp, const T* sp, int64_t m, int64_t heads, int64_
         b[j] = from_f<T>(round_to<T>(x2 * cj) + round_to<T>(x1 * sj));
       }
     }
+  });
 }
 
 // x (m, heads, d), last dim contiguous: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], in place;
