@@ -15,9 +15,9 @@ from tpkernels import Kernels, Matmul
 
 
 def Linear(weight: torch.Tensor, bias: torch.Tensor | None = None, kernels: Kernels | None = None) -> Matmul:
-    """y = x Wᵀ (+ b) on one rank's weight: the product `Kernels.matmul` chose for it (a
-    matrix-vector kernel for decode-sized inputs, the faster blocked GEMM for the rest). `kernels`
-    is the model's choice; a layer built on its own (tests, tools) gets its device's default."""
+    """y = x Wᵀ (+ b) on one rank's weight: the product `Kernels.matmul` chose for it (on CPU,
+    oneDNN on the weight packed once, for every size of input). `kernels` is the model's choice;
+    a layer built on its own (tests, tools) gets its device's default."""
     kernels = kernels if kernels is not None else Kernels.select(weight.device, weight.dtype)
     return kernels.matmul(weight, bias)
 
