@@ -219,4 +219,9 @@ def test_after_the_fuzzing_the_server_is_whole(srv, channel, probe):
     assert (replica_events(srv, "failures"), replica_events(srv, "restarts")) == (0, 0)
     with Client(srv.address, timeout=30) as c:
         assert c.generate("Hello", max_tokens=4, temperature=0.0).completion_tokens == 4
-        assert c.model_info().replicas[0].kv_blocks_used == 0
+        # The fuzzing's last abandoned streams are aborted asynchronously (CI once saw one still
+        # running here): every block must come back, but may take a step or two to.
+        deadline = time.monotonic() + 10
+        while (replica := c.model_info().replicas[0]).kv_blocks_used and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (replica.running_requests, replica.kv_blocks_used) == (0, 0)
