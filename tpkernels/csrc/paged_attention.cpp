@@ -225,42 +225,32 @@ inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t 
   for (int j = n; j < 16; ++j) rows[j] = rows[0];
 }
 
-template <int D, int G, typename T>
-void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t start,
-                 int64_t L, float* scores, float* acc, float* denom) {
-  constexpr int V = D / 16;
-  const int64_t span = L - start;
-  v16 q[G][V];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) q[g][i] = load16(qf + g * D + 16 * i);
+// The scores of G query heads against the cached tokens start .. start + span - 1 of one sequence
+// and KV head, 16 keys at a time: scores[g * span + t] = scale * the sum of the 16 lanes that
+// partial(g, j, rows) gives for key j of the chunk `rows` (prepare(rows) runs first, once per
+// chunk). Each key prefetches the matching row of the next chunk. Returns each head's maximum in
+// mx[g].
+template <int G, typename T, typename Prepare, typename Partial>
+inline void score_chunks(const T* kh, const int64_t* table, int64_t bs, int64_t d, int64_t start, int64_t span,
+                         float scale, float* scores, float* mx, Prepare&& prepare, Partial&& partial) {
   const T* rows[16];
   const T* next[16] = {};
-  float kbuf[std::is_same_v<T, float> ? 1 : 16 * D];  // bfloat16 keys widened once per chunk
   v16 m[G];
   for (int g = 0; g < G; ++g) m[g] = splat16(-std::numeric_limits<float>::infinity());
-  chunk_rows(kh, table, bs, D, start, static_cast<int>(std::min<int64_t>(16, span)), rows);
+  chunk_rows(kh, table, bs, d, start, static_cast<int>(std::min<int64_t>(16, span)), rows);
   for (int64_t c = 0; c < span; c += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, span - c));
     const bool more = c + 16 < span;
     if (more)
-      chunk_rows(kh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
-    const float* kr[16];
-    if constexpr (std::is_same_v<T, float>) {
-      for (int j = 0; j < 16; ++j) kr[j] = rows[j];
-    } else {
-      for (int j = 0; j < 16; ++j) {
-        for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(kbuf + j * D + 16 * i) = load16(rows[j] + 16 * i);
-        kr[j] = kbuf + j * D;
-      }
-    }
+      chunk_rows(kh, table, bs, d, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
+    prepare(static_cast<const T* const*>(rows));
     for (int g = 0; g < G; ++g) {
       v16 a[16];
       for (int j = 0; j < 16; ++j) {
-        if (g == 0 && more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, D * sizeof(T));
-        a[j] = q[g][0] * load16(kr[j]);
-        for (int i = 1; i < V; ++i) a[j] += q[g][i] * load16(kr[j] + 16 * i);
+        if (g == 0 && more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, d * sizeof(T));
+        a[j] = partial(g, j, static_cast<const T* const*>(rows));
       }
-      v16 s = sum16(a);
+      v16 s = sum16(a) * scale;
       if (n < 16)
         for (int j = n; j < 16; ++j) s[j] = -std::numeric_limits<float>::infinity();
       m[g] = m[g] > s ? m[g] : s;
@@ -273,24 +263,60 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
     for (int j = 0; j < 16; ++j) rows[j] = next[j];
   }
   for (int g = 0; g < G; ++g) {
-    float mx = m[g][0];
-    for (int l = 1; l < 16; ++l) mx = std::max(mx, m[g][l]);
-    float* s = scores + g * span;
-    v16 sum = {};
-    int64_t j = 0;
-    for (; j + 16 <= span; j += 16) {
-      const v16 e = exp16(load16(s + j) - mx);
-      *reinterpret_cast<v16*>(s + j) = e;
-      sum += e;
-    }
-    float tot = 0.f;
-    for (int l = 0; l < 16; ++l) tot += sum[l];
-    for (; j < span; ++j) {
-      s[j] = std::exp(s[j] - mx);
-      tot += s[j];
-    }
-    denom[g] = tot;
+    mx[g] = m[g][0];
+    for (int l = 1; l < 16; ++l) mx[g] = std::max(mx[g], m[g][l]);
   }
+}
+
+// s[j] = e^(s[j] - mx) for j < span, 16 at a time; returns their sum (exp_shift_sum's AVX-512 twin).
+inline float exp16_shift_sum(float* s, int64_t span, float mx) {
+  v16 sum = {};
+  int64_t j = 0;
+  for (; j + 16 <= span; j += 16) {
+    const v16 e = exp16(load16(s + j) - mx);
+    *reinterpret_cast<v16*>(s + j) = e;
+    sum += e;
+  }
+  float tot = 0.f;
+  for (int l = 0; l < 16; ++l) tot += sum[l];
+  for (; j < span; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    tot += s[j];
+  }
+  return tot;
+}
+
+template <int D, int G, typename T>
+void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t start,
+                 int64_t L, float* scores, float* acc, float* denom) {
+  constexpr int V = D / 16;
+  const int64_t span = L - start;
+  v16 q[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < V; ++i) q[g][i] = load16(qf + g * D + 16 * i);
+  float kbuf[std::is_same_v<T, float> ? 1 : 16 * D];  // bfloat16 keys widened once per chunk
+  const float* kr[16];
+  float mx[G];
+  score_chunks<G>(
+      kh, table, bs, D, start, span, 1.f, scores, mx,
+      [&](const T* const* rows) {
+        if constexpr (std::is_same_v<T, float>) {
+          for (int j = 0; j < 16; ++j) kr[j] = rows[j];
+        } else {
+          for (int j = 0; j < 16; ++j) {
+            for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(kbuf + j * D + 16 * i) = load16(rows[j] + 16 * i);
+            kr[j] = kbuf + j * D;
+          }
+        }
+      },
+      [&](int g, int j, const T* const*) {
+        v16 a = q[g][0] * load16(kr[j]);
+        for (int i = 1; i < V; ++i) a += q[g][i] * load16(kr[j] + 16 * i);
+        return a;
+      });
+  for (int g = 0; g < G; ++g) denom[g] = exp16_shift_sum(scores + g * span, span, mx[g]);
+  const T* rows[16];
+  const T* next[16] = {};
   // Accumulators: G x C vectors, C the most of the head's V vectors that keep them within 24
   // registers.
   constexpr int C = G * V <= 24 ? V : (G * (V / 2) <= 24 ? V / 2 : (V % 4 == 0 && G * (V / 4) <= 24 ? V / 4 : 1));
@@ -338,59 +364,29 @@ void avx512bf16_head(const c10::BFloat16* q0, int64_t qs1, float sc, const c10::
   __m512i q[G][W];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < W; ++i) q[g][i] = load512(q0 + g * qs1 + 32 * i);
-  const T* rows[16];
-  const T* next[16] = {};
-  v16 m[G];
-  for (int g = 0; g < G; ++g) m[g] = splat16(-std::numeric_limits<float>::infinity());
-  chunk_rows(kh, table, bs, D, start, static_cast<int>(std::min<int64_t>(16, span)), rows);
-  for (int64_t c = 0; c < span; c += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, span - c));
-    const bool more = c + 16 < span;
-    if (more)
-      chunk_rows(kh, table, bs, D, start + c + 16, static_cast<int>(std::min<int64_t>(16, span - c - 16)), next);
-    for (int g = 0; g < G; ++g) {
-      v16 a[16];
-      for (int j = 0; j < 16; ++j) {
-        if (g == 0 && more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, D * sizeof(T));
+  float mx[G];
+  score_chunks<G>(
+      kh, table, bs, D, start, span, sc, scores, mx, [](const T* const*) {},
+      [&](int g, int j, const T* const* rows) {
         __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[g][0]), as_bh(load512(rows[j])));
         for (int i = 1; i < W; ++i) t = _mm512_dpbf16_ps(t, as_bh(q[g][i]), as_bh(load512(rows[j] + 32 * i)));
-        a[j] = reinterpret_cast<v16&>(t);
-      }
-      v16 s = sum16(a) * sc;
-      if (n < 16)
-        for (int j = n; j < 16; ++j) s[j] = -std::numeric_limits<float>::infinity();
-      m[g] = m[g] > s ? m[g] : s;
-      if (n == 16) {
-        *reinterpret_cast<v16*>(scores + g * span + c) = s;
-      } else {
-        for (int j = 0; j < n; ++j) scores[g * span + c + j] = s[j];
-      }
-    }
-    for (int j = 0; j < 16; ++j) rows[j] = next[j];
-  }
+        return reinterpret_cast<v16&>(t);
+      });
   for (int g = 0; g < G; ++g) {
-    float mx = m[g][0];
-    for (int l = 1; l < 16; ++l) mx = std::max(mx, m[g][l]);
-    const float* s = scores + g * span;
+    float* s = scores + g * span;
     uint16_t* pb = probs + g * stride;
-    v16 sum = {};
+    denom[g] = exp16_shift_sum(s, span, mx[g]);
     int64_t j = 0;
-    for (; j + 16 <= span; j += 16) {
-      const v16 e = exp16(load16(s + j) - mx);
-      sum += e;
+    for (; j + 16 <= span; j += 16) {  // the probabilities rounded to bfloat16 for the P.V product
+      const v16 e = load16(s + j);
       const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(e));
       std::memcpy(pb + j, &h, 32);
     }
-    float tot = 0.f;
-    for (int l = 0; l < 16; ++l) tot += sum[l];
-    for (; j < span; ++j) {
-      const float e = std::exp(s[j] - mx);
-      tot += e;
-      pb[j] = c10::BFloat16(e).x;
-    }
+    for (; j < span; ++j) pb[j] = c10::BFloat16(s[j]).x;
     pb[span] = 0;  // an odd last token's partner: probability 0
-    denom[g] = tot;
   }
+  const T* rows[16];
+  const T* next[16] = {};
   // Accumulator lane l of 32-value group w, half h (0: unpacklo, 1: unpackhi) holds value
   // 32 w + 8 (l / 4) + 4 h + l % 4 of the head: the order `_mm512_unpack*_epi16` leaves.
   constexpr int CW = [] { int c = W; while (c > 1 && (2 * G * c > 24 || W % c)) --c; return c; }();
@@ -494,21 +490,17 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, n * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * d), acc(G * d), scores;
+    std::vector<float> qf(G * d), acc(G * d), denom(G), scores;
     std::vector<uint16_t> probs;  // bfloat16 probabilities, AVX512-BF16 path
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i = w / hkv, h = w % hkv;
       const int64_t L = lp[i];
       const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
       const int64_t span = L - start;
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t x = 0; x < d; ++x)
-          qf[g * d + x] = static_cast<float>(qp[i * qs0 + (h * G + g) * qs1 + x]) * sc;
       scores.resize(G * span + 16);
       const T* kh = kp + h * num_blocks * bs * d;
       const T* vh = vp + h * num_blocks * bs * d;
       const int64_t* table = tp + i * ts0;
-      std::vector<float> denom(G);
 #if defined(__AVX512BF16__)
       if constexpr (D > 0 && D % 32 == 0 && std::is_same_v<T, c10::BFloat16>) {
         probs.resize(G * (span + 1));
@@ -521,6 +513,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         }
       }
 #endif
+      for (int64_t g = 0; g < G; ++g)  // the other paths take q scaled, in float32
+        for (int64_t x = 0; x < d; ++x)
+          qf[g * d + x] = static_cast<float>(qp[i * qs0 + (h * G + g) * qs1 + x]) * sc;
 #if defined(__AVX512F__)
       if constexpr (D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
         if (with_group(G, [&](auto g) {
