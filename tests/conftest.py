@@ -5,7 +5,10 @@ kernel is defined, so the variable is set before any test module imports one."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +38,15 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gpu_check():
+    """bench/gpu_check.py (`make gpu-check`) as a module: its checks, model builders and parity
+    helpers, for the tests that drive them on CPU."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

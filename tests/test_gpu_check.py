@@ -5,7 +5,6 @@ others."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -22,12 +21,11 @@ def _run(tmp_path, *args):
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 
-def test_every_check_runs_on_cpu(tmp_path):
+def test_every_check_runs_on_cpu(tmp_path, gpu_check):
     proc, result = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = {r["name"]: r["status"] for r in result["results"]}
-    module = _load()
-    assert list(status) == [name for name, _, _ in module.CHECKS]
+    assert list(status) == [name for name, _, _ in gpu_check.CHECKS]
     assert status.pop("env") == "INFO"
     assert status.pop("nccl-1rank") == status.pop("tp2-nccl") == "SKIP"  # CUDA only
     assert set(status.values()) == {"PASS"}, status
@@ -43,16 +41,8 @@ def test_parity_with_the_triton_kernels_under_the_interpreter(tmp_path):
     assert [r["status"] for r in result["results"]] == ["PASS", "PASS"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_failing_check_fails_the_run_and_the_rest_still_run(monkeypatch, capsys):
-    module = _load()
+def test_a_failing_check_fails_the_run_and_the_rest_still_run(monkeypatch, capsys, gpu_check):
+    module = gpu_check
 
     def broken(self):
         raise RuntimeError("kernel exploded")

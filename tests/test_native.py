@@ -393,23 +393,15 @@ def test_bf16_decode_steps_run_the_native_operations():
     assert isinstance(large, NativeOps) and large.silu_mul is TorchOps.silu_mul
 
 
-def test_bf16_model_with_the_machines_attention_path_is_within_1_5x_transformers_own_error(tmp_path):
+def test_bf16_model_with_the_machines_attention_path_is_within_1_5x_transformers_own_error(tmp_path, gpu_check):
     """bfloat16 end to end through the kernels that serve here: a random Llama with SmolLM2's head
     layout (head_dim 64, 9 q / 3 kv heads), so decode attention takes the widest path this CPU has
     (AVX512-BF16's dot products where present). Prompt and teacher-forced decode logits against
     transformers' float32 logits on the same weights: our error at most 1.5x transformers' own
     bfloat16 error (`make gpu-check` asks the same of the CUDA path)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     import transformers as tf
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", script)
-    gc = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = gc
-    spec.loader.exec_module(gc)
+    gc = gpu_check
     cfg = tf.LlamaConfig(hidden_size=576, head_dim=64, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=512, max_position_embeddings=2048,
                          tie_word_embeddings=True, rope_theta=100000.0, initializer_range=0.05)
