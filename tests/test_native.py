@@ -186,6 +186,10 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window, paged_prefill
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
 
+def _f64_linear(x, w, b):
+    return torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+
+
 # -- the decode-sized float32 operations ------------------------------------------------------
 @pytest.mark.parametrize("m,k,n,bias", [(1, 576, 960, False), (2, 576, 3072, True), (3, 1536, 577, False),
                                         (16, 64, 5, True), (3, 56, 9, False), (5, 37, 13, True)])
@@ -196,14 +200,10 @@ def test_small_linear_matches_float64(m, k, n, bias, kern):
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     got = kern.small_linear(x, w, b)
-    ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+    ref = _f64_linear(x, w, b)
     # fp32 accumulation over k terms of size ~1: error grows like sqrt(k) ulps of the result
     tol = 4e-6 * k ** 0.5 * ref.abs().max().item() ** 0.5 + 1e-6
     assert (got.double() - ref).abs().max().item() < tol
-
-
-def _f64_linear(x, w, b):
-    return torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -350,7 +350,7 @@ def test_small_linear_bf16_matches_float64(m, k, n, bias, kern):
     b = torch.randn(n, generator=g).bfloat16() if bias else None
     got = kern.small_linear(x, w, b)
     assert got.dtype == torch.bfloat16
-    ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+    ref = _f64_linear(x, w, b)
     # float32 sums of exact bfloat16 products, then one rounding to bfloat16
     err = (got.double() - ref).abs()
     assert bool((err <= ref.abs() * BF16_STEP + 4e-6 * k ** 0.5).all()), err.max()
