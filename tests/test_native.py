@@ -122,6 +122,54 @@ def test_kernel_matches_reference(dtype, d, hq, hkv, window, bs, kern):
     assert err < tol, f"max abs error {err:.3g} (tolerance {tol})"
 
 
+SHARING_CASES = [  # dtype, head_dim, q_heads, kv_heads: tiles of 16 // G rows, G up to 8
+    (torch.float32, 64, 9, 3),
+    (torch.float32, 64, 8, 4),
+    (torch.float32, 128, 8, 1),
+    (torch.float32, 80, 6, 3),
+    (torch.bfloat16, 64, 9, 3),
+    (torch.bfloat16, 128, 2, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,d,hq,hkv", SHARING_CASES)
+@pytest.mark.parametrize("bs", [16, 5])
+def test_rows_that_share_keys_match_reference(dtype, d, hq, hkv, bs, kern):
+    """Rows whose keys overlap, as the kernel's tiles take them: decodes whose tables begin with the
+    same blocks (a shared prompt prefix; tails of 0 to 60 keys of their own), an unrelated row
+    between, the rows of one prefill chunk (same table, each row one key longer), and rows sharing
+    too few keys to tile."""
+    rng = random.Random(d + hq + bs)
+    nb, width = 400, 40
+    k, v = _random_cache(nb, bs, hkv, d, dtype, seed=d + bs)
+    ids = list(range(nb))
+    rng.shuffle(ids)
+    prefix = [ids.pop() for _ in range(96 // bs)]
+    shared = len(prefix) * bs
+    tables, lens = [], []
+
+    def row(blocks, length):
+        tables.append(blocks + [ids[-1]] * (width - len(blocks)))  # padding the kernel must not read
+        lens.append(length)
+
+    for tail in (0, 1, 5, 17, 40, 3, 0, 60, 9, 33, 2):
+        row(prefix + [ids.pop() for _ in range(-(-tail // bs))], shared + tail)
+    row([ids.pop() for _ in range(-(-150 // bs))], 150)
+    seq = [ids.pop() for _ in range(-(-130 // bs))]
+    for length in range(20, 131):
+        row(list(seq), length)
+    for tail in (4, 7):
+        row(prefix[:2] + [ids.pop() for _ in range(-(-tail // bs))], 2 * bs + tail)
+    tables, lens = torch.tensor(tables), torch.tensor(lens)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    kern.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, None, out)
+    ref = _reference(q, k, v, tables, lens, bs, d ** -0.5, None)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    err = (out.double() - ref).abs().max().item()
+    assert err < tol, f"max abs error {err:.3g} (tolerance {tol})"
+
+
 @pytest.mark.parametrize("n_keys", [5, 16, 37])
 def test_kernel_with_every_score_far_below_zero(n_keys, kern):
     # Scores of about -600: softmax must shift by their own maximum, not by zero (e^-600 is 0).

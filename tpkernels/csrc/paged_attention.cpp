@@ -5,6 +5,11 @@
 // block table lists them, then softmax-weighted V is summed. K and V are read once per (i, h),
 // which is what the step's attention costs at best: it is memory-bound.
 //
+// Rows that see the same cached keys -- the rows of a prefill chunk, decodes that share a prompt
+// prefix -- are cut into tiles (`plan_tiles`), and on AVX-512 each tile reads its shared keys
+// once for all its rows (`avx512_tile`); each row's own keys after those go the row-by-row way,
+// and the two softmax parts are merged by their maxima and sums.
+//
 // Cache layout (see worker/kv_cache.py): (kv_heads, num_blocks, block_size * head_dim); the rows
 // of one block of one head are contiguous. Computation is in float32 whatever the storage dtype.
 
@@ -288,7 +293,7 @@ inline float exp16_shift_sum(float* s, int64_t span, float mx) {
 
 template <int D, int G, typename T>
 void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t start,
-                 int64_t L, float* scores, float* acc, float* denom) {
+                 int64_t L, float* scores, float* acc, float* denom, float* mxo) {
   constexpr int V = D / 16;
   const int64_t span = L - start;
   v16 q[G][V];
@@ -314,7 +319,10 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
         for (int i = 1; i < V; ++i) a += q[g][i] * load16(kr[j] + 16 * i);
         return a;
       });
-  for (int g = 0; g < G; ++g) denom[g] = exp16_shift_sum(scores + g * span, span, mx[g]);
+  for (int g = 0; g < G; ++g) {
+    denom[g] = exp16_shift_sum(scores + g * span, span, mx[g]);
+    mxo[g] = mx[g];
+  }
   const T* rows[16];
   const T* next[16] = {};
   // Accumulators: G x C vectors, C the most of the head's V vectors that keep them within 24
@@ -342,6 +350,87 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
       for (int i = 0; i < C; ++i) *reinterpret_cast<v16*>(acc + g * D + 16 * (c0 + i)) = a[g][i];
   }
 }
+
+// Several rows that see the same keys: the rows of one prefill chunk (each sees the chunk's
+// context up to its own position, so all see the context before the first), and decodes whose
+// block tables begin with the same blocks (a prompt prefix the prefix cache shares). A tile holds
+// up to 16 query vectors -- R rows x G query heads of one KV head, one per vector lane -- and
+// reads each of the shared keys once for all of them, where the row-by-row path above reads it
+// once per row. Every step is a vertical vector operation: key j's scores for all lanes are the
+// sum over x of qt[x] * k_j[x] (qt: the tile's queries transposed, a vector per head dimension;
+// k_j[x] broadcast), the softmax runs online per lane (running maximum m and sum l, the
+// accumulators rescaled when m grows), and the weighted V sum broadcasts each lane's probability
+// against the value row. bfloat16 keys and values are widened to float32 once per 16-key chunk.
+// Leaves, per lane, acc (lane-major, D values each, not yet divided by l), m and l.
+template <int D, typename T>
+void avx512_tile(const float* qt, int nq, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t S,
+                 float* kbuf, float* vbuf, float* pbuf, float* acc, v16& m, v16& l) {
+  constexpr int V = D / 16;
+  constexpr int QB = V >= 20 ? 1 : 20 / V;  // lanes whose accumulators stay in registers at once
+  const float inf = std::numeric_limits<float>::infinity();
+  m = splat16(-inf);
+  l = v16{};
+  std::fill(acc, acc + (16 + QB) * D, 0.f);  // padded: the last register block may pass lane 15
+  alignas(64) float corr[16 + QB];
+  std::fill(corr, corr + 16 + QB, 1.f);
+  const T* krows[16];
+  const T* vrows[16];
+  const float* kr[16];
+  const float* vr[16];
+  for (int64_t c = 0; c < S; c += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, S - c));
+    chunk_rows(kh, table, bs, D, c, n, krows);
+    chunk_rows(vh, table, bs, D, c, n, vrows);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int j = 0; j < 16; ++j) kr[j] = krows[j], vr[j] = vrows[j];
+    } else {
+      for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < V; ++i) {
+          *reinterpret_cast<v16*>(kbuf + j * D + 16 * i) = load16(krows[j] + 16 * i);
+          *reinterpret_cast<v16*>(vbuf + j * D + 16 * i) = load16(vrows[j] + 16 * i);
+        }
+        kr[j] = kbuf + j * D, vr[j] = vbuf + j * D;
+      }
+      for (int j = n; j < 16; ++j) kr[j] = kr[0], vr[j] = vr[0];
+    }
+    v16 s[16];
+    for (int j = 0; j < 16; ++j) s[j] = v16{};
+    for (int x = 0; x < D; ++x) {
+      const v16 q = load16(qt + 16 * x);
+      for (int j = 0; j < 16; ++j) s[j] += q * kr[j][x];
+    }
+    v16 mc = s[0];
+    for (int j = 1; j < n; ++j) mc = mc > s[j] ? mc : s[j];
+    const v16 mn = m > mc ? m : mc;
+    const v16 cr = exp16(m - mn);
+    v16 ps = v16{};
+    for (int j = 0; j < n; ++j) {
+      const v16 p = exp16(s[j] - mn);
+      *reinterpret_cast<v16*>(pbuf + 16 * j) = p;
+      ps += p;
+    }
+    l = l * cr + ps;
+    m = mn;
+    *reinterpret_cast<v16*>(corr) = cr;
+    for (int q0 = 0; q0 < nq; q0 += QB) {
+      v16 a[QB][V];
+      for (int b = 0; b < QB; ++b) {
+        const v16 f = splat16(corr[q0 + b]);
+        for (int i = 0; i < V; ++i) a[b][i] = load16(acc + (q0 + b) * D + 16 * i) * f;
+      }
+      for (int j = 0; j < n; ++j) {
+        v16 vv[V];
+        for (int i = 0; i < V; ++i) vv[i] = load16(vr[j] + 16 * i);
+        for (int b = 0; b < QB; ++b) {
+          const v16 p = splat16(pbuf[16 * j + q0 + b]);
+          for (int i = 0; i < V; ++i) a[b][i] += p * vv[i];
+        }
+      }
+      for (int b = 0; b < QB; ++b)
+        for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(acc + (q0 + b) * D + 16 * i) = a[b][i];
+    }
+  }
+}
 #endif
 
 #if defined(__AVX512BF16__)
@@ -356,7 +445,7 @@ inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 template <int D, int G>
 void avx512bf16_head(const c10::BFloat16* q0, int64_t qs1, float sc, const c10::BFloat16* kh,
                      const c10::BFloat16* vh, const int64_t* table, int64_t bs, int64_t start, int64_t L,
-                     float* scores, uint16_t* probs, float* acc, float* denom) {
+                     float* scores, uint16_t* probs, float* acc, float* denom, float* mxo) {
   using T = c10::BFloat16;
   constexpr int W = D / 32;  // 32-value groups of a head
   const int64_t span = L - start;
@@ -376,6 +465,7 @@ void avx512bf16_head(const c10::BFloat16* q0, int64_t qs1, float sc, const c10::
     float* s = scores + g * span;
     uint16_t* pb = probs + g * stride;
     denom[g] = exp16_shift_sum(s, span, mx[g]);
+    mxo[g] = mx[g];
     int64_t j = 0;
     for (; j + 16 <= span; j += 16) {  // the probabilities rounded to bfloat16 for the P.V product
       const v16 e = load16(s + j);
@@ -473,6 +563,46 @@ inline void store_out(T* o, int64_t os1, const float* acc, const float* denom, i
 }
 
 template <int64_t D, typename T>
+constexpr bool tiled_path() {  // the dtypes and head sizes avx512_tile serves
+#if defined(__AVX512F__)
+  return D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
+#else
+  return false;
+#endif
+}
+
+// A run of consecutive rows whose first `shared` keys are the same cached tokens (shared == 0: a
+// single row, served on its own).
+struct Tile {
+  int64_t row, rows, shared;
+};
+
+constexpr int64_t MIN_SHARED = 32;  // fewer shared keys than this: rows go one by one
+
+// Cuts the rows into tiles of up to `most` consecutive rows, each as long as its rows share at
+// least MIN_SHARED keys: the shortest context of the tile, cut to the blocks their tables agree on.
+inline std::vector<Tile> plan_tiles(int64_t n, int64_t most, const int64_t* tp, int64_t ts0, const int64_t* lp,
+                                    int64_t bs) {
+  std::vector<Tile> tiles;
+  for (int64_t i = 0; i < n;) {
+    int64_t shared = lp[i], r = 1;
+    for (; r < most && i + r < n; ++r) {
+      const int64_t* a = tp + i * ts0;
+      const int64_t* b = tp + (i + r) * ts0;
+      const int64_t want = std::min(shared, lp[i + r]);
+      int64_t same = 0;
+      while (same * bs < want && a[same] == b[same]) ++same;
+      const int64_t s = std::min(want, same * bs);
+      if (s < MIN_SHARED) break;
+      shared = s;
+    }
+    tiles.push_back({i, r, r > 1 ? shared : 0});
+    i += r;
+  }
+  return tiles;
+}
+
+template <int64_t D, typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window,
                    at::Tensor& out) {
@@ -489,74 +619,139 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   T* op = out.data_ptr<T>();
   const float sc = static_cast<float>(scale);
 
-  at::parallel_for(0, n * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * d), acc(G * d), denom(G), scores;
+  // Tiles where the rows may share keys (no window: a window's keys differ row by row).
+  const bool tiled = tiled_path<D, T>() && window <= 0 && G <= 8;
+  std::vector<Tile> tiles;
+  if (tiled) {
+    tiles = plan_tiles(n, 16 / G, tp, ts0, lp, bs);
+  } else {
+    tiles.reserve(n);
+    for (int64_t i = 0; i < n; ++i) tiles.push_back({i, 1, 0});
+  }
+  const int64_t nt = static_cast<int64_t>(tiles.size());
+
+  struct Scratch {
+    std::vector<float> qf, acc, denom, mx, scores, qt, kbuf, vbuf, pbuf, tacc;
     std::vector<uint16_t> probs;  // bfloat16 probabilities, AVX512-BF16 path
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / hkv, h = w % hkv;
-      const int64_t L = lp[i];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-      const int64_t span = L - start;
-      scores.resize(G * span + 16);
-      const T* kh = kp + h * num_blocks * bs * d;
-      const T* vh = vp + h * num_blocks * bs * d;
-      const int64_t* table = tp + i * ts0;
+  };
+
+  // Row i, KV head h, keys start .. L-1: the G heads' unnormalised sums in w.acc, their softmax
+  // denominators in w.denom and score maxima in w.mx.
+  auto partial = [&](Scratch& w, int64_t i, int64_t h, int64_t start) {
+    const int64_t L = lp[i];
+    const int64_t span = L - start;
+    w.scores.resize(G * span + 16);
+    const T* kh = kp + h * num_blocks * bs * d;
+    const T* vh = vp + h * num_blocks * bs * d;
+    const int64_t* table = tp + i * ts0;
 #if defined(__AVX512BF16__)
-      if constexpr (D > 0 && D % 32 == 0 && std::is_same_v<T, c10::BFloat16>) {
-        probs.resize(G * (span + 1));
-        if (with_group(G, [&](auto g) {
-              avx512bf16_head<D, decltype(g)::value>(qp + i * qs0 + h * G * qs1, qs1, sc, kh, vh, table, bs, start, L,
-                                                     scores.data(), probs.data(), acc.data(), denom.data());
-            })) {
-          store_out(op + i * os0 + h * G * os1, os1, acc.data(), denom.data(), G, d);
-          continue;
-        }
-      }
+    if constexpr (D > 0 && D % 32 == 0 && std::is_same_v<T, c10::BFloat16>) {
+      w.probs.resize(G * (span + 1));
+      if (with_group(G, [&](auto g) {
+            avx512bf16_head<D, decltype(g)::value>(qp + i * qs0 + h * G * qs1, qs1, sc, kh, vh, table, bs, start, L,
+                                                   w.scores.data(), w.probs.data(), w.acc.data(), w.denom.data(),
+                                                   w.mx.data());
+          }))
+        return;
+    }
 #endif
-      for (int64_t g = 0; g < G; ++g)  // the other paths take q scaled, in float32
-        for (int64_t x = 0; x < d; ++x)
-          qf[g * d + x] = static_cast<float>(qp[i * qs0 + (h * G + g) * qs1 + x]) * sc;
+    for (int64_t g = 0; g < G; ++g)  // the other paths take q scaled, in float32
+      for (int64_t x = 0; x < d; ++x)
+        w.qf[g * d + x] = static_cast<float>(qp[i * qs0 + (h * G + g) * qs1 + x]) * sc;
 #if defined(__AVX512F__)
-      if constexpr (D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
-        if (with_group(G, [&](auto g) {
-              avx512_head<D, decltype(g)::value>(qf.data(), kh, vh, table, bs, start, L, scores.data(), acc.data(),
-                                                 denom.data());
-            })) {
-          store_out(op + i * os0 + h * G * os1, os1, acc.data(), denom.data(), G, d);
-          continue;
+    if constexpr (D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
+      if (with_group(G, [&](auto g) {
+            avx512_head<D, decltype(g)::value>(w.qf.data(), kh, vh, table, bs, start, L, w.scores.data(),
+                                               w.acc.data(), w.denom.data(), w.mx.data());
+          }))
+        return;
+    }
+#endif
+    float* scores = w.scores.data();
+    float* acc = w.acc.data();
+    // scores[g * span + (t - start)] = q_g . k_t
+    constexpr bool blocked = D > 0 && D % 32 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
+    bool done = false;
+    if constexpr (blocked)
+      done = with_group(G, [&](auto g) {
+        blocked_scores<D, decltype(g)::value>(w.qf.data(), kh, table, bs, start, L, scores, span);
+      });
+    if (!done)
+      for_each_row(kh, table, bs, d, start, L, [&](int64_t t, const T* kr) {
+        for (int64_t g = 0; g < G; ++g) scores[g * span + t - start] = dot<D>(&w.qf[g * d], kr, d);
+      });
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = scores + g * span;
+      float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < span; ++j) m = std::max(m, s[j]);
+      w.denom[g] = exp_shift_sum(s, span, m);
+      w.mx[g] = m;
+    }
+    if constexpr (blocked)
+      if (done)
+        with_group(G, [&](auto g) {
+          blocked_weighted_sum<D, decltype(g)::value>(scores, span, vh, table, bs, start, L, acc);
+        });
+    if (!done) {
+      std::fill(acc, acc + G * d, 0.f);
+      for_each_row(vh, table, bs, d, start, L, [&](int64_t t, const T* vr) {
+        for (int64_t g = 0; g < G; ++g) axpy<D>(scores[g * span + t - start], vr, &acc[g * d], d);
+      });
+    }
+  };
+
+  // Head-major order: the rows of one KV head run together, so keys they share stay in cache.
+  at::parallel_for(0, hkv * nt, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    w.qf.resize(G * d), w.acc.resize(G * d), w.denom.resize(G), w.mx.resize(G);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / nt;
+      const Tile& tile = tiles[item % nt];
+      if (tile.shared == 0) {
+        const int64_t i = tile.row, L = lp[i];
+        partial(w, i, h, window > 0 ? std::max<int64_t>(0, L - window) : 0);
+        store_out(op + i * os0 + h * G * os1, os1, w.acc.data(), w.denom.data(), G, d);
+        continue;
+      }
+#if defined(__AVX512F__)
+      if constexpr (tiled_path<D, T>()) {
+        constexpr int QB = D / 16 >= 20 ? 1 : 20 / (D / 16);
+        if (w.qt.empty()) {
+          w.qt.assign(16 * d, 0.f), w.kbuf.resize(16 * d), w.vbuf.resize(16 * d);
+          w.pbuf.assign(16 * 16 + QB, 0.f), w.tacc.resize((16 + QB) * d);
+        }
+        const int nq = static_cast<int>(tile.rows * G);
+        std::fill(w.qt.begin(), w.qt.end(), 0.f);
+        for (int64_t r = 0; r < tile.rows; ++r)
+          for (int64_t g = 0; g < G; ++g) {
+            const T* src = qp + (tile.row + r) * qs0 + (h * G + g) * qs1;
+            for (int64_t x = 0; x < d; ++x) w.qt[x * 16 + r * G + g] = static_cast<float>(src[x]) * sc;
+          }
+        v16 m, l;
+        avx512_tile<D, T>(w.qt.data(), nq, kp + h * num_blocks * bs * d, vp + h * num_blocks * bs * d,
+                          tp + tile.row * ts0, bs, tile.shared, w.kbuf.data(), w.vbuf.data(), w.pbuf.data(),
+                          w.tacc.data(), m, l);
+        for (int64_t r = 0; r < tile.rows; ++r) {
+          const int64_t i = tile.row + r;
+          const bool tail = lp[i] > tile.shared;  // its own keys after the shared ones
+          if (tail) partial(w, i, h, tile.shared);
+          T* o = op + i * os0 + h * G * os1;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t lane = r * G + g;
+            const float* ta = w.tacc.data() + lane * d;
+            float a = 1.f, b = 0.f;  // weights of the tile's part and of the tail's
+            if (tail) {
+              const float top = std::max(m[lane], w.mx[g]);
+              a = std::exp(m[lane] - top), b = std::exp(w.mx[g] - top);
+            }
+            const float inv = 1.f / (l[lane] * a + (tail ? w.denom[g] * b : 0.f));
+            for (int64_t x = 0; x < d; ++x)
+              o[g * os1 + x] = static_cast<T>((ta[x] * a + (tail ? w.acc[g * d + x] * b : 0.f)) * inv);
+          }
         }
       }
 #endif
-      // scores[g * span + (t - start)] = q_g . k_t
-      constexpr bool blocked = D > 0 && D % 32 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
-      bool done = false;
-      if constexpr (blocked)
-        done = with_group(G, [&](auto g) {
-          blocked_scores<D, decltype(g)::value>(qf.data(), kh, table, bs, start, L, scores.data(), span);
-        });
-      if (!done)
-        for_each_row(kh, table, bs, d, start, L, [&](int64_t t, const T* kr) {
-          for (int64_t g = 0; g < G; ++g) scores[g * span + t - start] = dot<D>(&qf[g * d], kr, d);
-        });
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = &scores[g * span];
-        float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < span; ++j) m = std::max(m, s[j]);
-        denom[g] = exp_shift_sum(s, span, m);
-      }
-      if constexpr (blocked)
-        if (done)
-          with_group(G, [&](auto g) {
-            blocked_weighted_sum<D, decltype(g)::value>(scores.data(), span, vh, table, bs, start, L, acc.data());
-          });
-      if (!done) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for_each_row(vh, table, bs, d, start, L, [&](int64_t t, const T* vr) {
-          for (int64_t g = 0; g < G; ++g) axpy<D>(scores[g * span + t - start], vr, &acc[g * d], d);
-        });
-      }
-      store_out(op + i * os0 + h * G * os1, os1, acc.data(), denom.data(), G, d);
     }
   });
 }
@@ -593,3 +788,4 @@ TPSERVE_LIBRARY(TPSERVE_NS, m) {
 }
 
 TPSERVE_LIBRARY_IMPL(TPSERVE_NS, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+
