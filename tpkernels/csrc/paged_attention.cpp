@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 #include "library.h"
+#include "vec8.h"
 
 #include <algorithm>
 #include <cmath>
@@ -57,28 +58,6 @@ inline void for_each_row(const T* head, const int64_t* table, int64_t bs, int64_
   }
 }
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));  // unaligned 8-float loads and stores
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-// e^x for 8 values x <= 0 at once (scores minus their maximum), to ~2 ulp: x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n put in the exponent bits. A scalar
-// libm expf per score cost more than the rest of the kernel (2.4 ms of a 64-sequence, 600-token
-// step at 24 GB/s).
-inline v8 exp8(v8 x) {
-  x = x < -87.f ? -87.f : x;  // e^-87 ~ 1.6e-38: below that everything rounds away anyway
-  const v8 t = x * 1.44269504f;  // x / ln2
-  const v8 n = (t + 12582912.f) - 12582912.f;  // t rounded to nearest by the 1.5 * 2^23 trick
-  const v8 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts: exact n * hi
-  v8 p = r * (1.f / 720.f) + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const i8 e = (__builtin_convertvector(n, i8) + 127) << 23;
-  return p * (v8)e;
-}
-
 // s[j] = e^(s[j] - m) for j < span; returns their sum.
 inline float exp_shift_sum(float* s, int64_t span, float m) {
   float sum = 0.f;
@@ -93,16 +72,6 @@ inline float exp_shift_sum(float* s, int64_t span, float m) {
     sum += s[j];
   }
   return sum;
-}
-
-inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
-
-typedef uint16_t u16x8 __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
-inline v8 load8(const c10::BFloat16* p) {  // widened: a bfloat16 is the top half of a float32
-  const u16x8 h = *reinterpret_cast<const u16x8*>(p);
-  return (v8)(__builtin_convertvector(h, u32x8) << 16);
 }
 
 inline float hsum8(v8 v) {
