@@ -493,6 +493,92 @@ void avx512bf16_head(const c10::BFloat16* q0, int64_t qs1, float sc, const c10::
         }
   }
 }
+
+// avx512_tile for bfloat16 caches with AVX512-BF16: as the row-by-row bfloat16 path does, q . k
+// takes pairs of head dimensions per `vdpbf16ps` (the tile's queries transposed into pairs, qt2;
+// each key's pair broadcast), and the V sum takes pairs of keys, their rows interleaved once per
+// chunk, against each lane's two probabilities rounded to bfloat16. Same outputs as avx512_tile:
+// per lane, acc (D values, in order), m and l; `vpair` and `pacc` are its scratch.
+template <int D>
+void avx512bf16_tile(const uint32_t* qt2, int nq, float sc, const c10::BFloat16* kh, const c10::BFloat16* vh,
+                     const int64_t* table, int64_t bs, int64_t S, uint32_t* ppair, __m512i* vpair, float* pacc,
+                     float* acc, v16& m, v16& l) {
+  using T = c10::BFloat16;
+  constexpr int W = D / 32;  // 32-value groups of a head
+  constexpr int QB = 2 * W >= 20 ? 1 : 20 / (2 * W);
+  const float inf = std::numeric_limits<float>::infinity();
+  m = splat16(-inf);
+  l = v16{};
+  std::fill(pacc, pacc + (16 + QB) * D, 0.f);  // lane-major; each lane's D values in unpack order
+  alignas(64) float corr[16 + QB];
+  std::fill(corr, corr + 16 + QB, 1.f);
+  const T* krows[16];
+  const T* vrows[16];
+  for (int64_t c = 0; c < S; c += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, S - c));
+    chunk_rows(kh, table, bs, D, c, n, krows);
+    chunk_rows(vh, table, bs, D, c, n, vrows);
+    __m512 s[16];
+    for (int j = 0; j < 16; ++j) s[j] = _mm512_setzero_ps();
+    for (int x = 0; x < D / 2; ++x) {
+      const __m512bh q = as_bh(load512(qt2 + 16 * x));
+      for (int j = 0; j < 16; ++j) {
+        int32_t kk;
+        std::memcpy(&kk, krows[j] + 2 * x, 4);
+        s[j] = _mm512_dpbf16_ps(s[j], q, as_bh(_mm512_set1_epi32(kk)));
+      }
+    }
+    v16 sv[16];
+    for (int j = 0; j < 16; ++j) sv[j] = reinterpret_cast<v16&>(s[j]) * sc;
+    v16 mc = sv[0];
+    for (int j = 1; j < n; ++j) mc = mc > sv[j] ? mc : sv[j];
+    const v16 mn = m > mc ? m : mc;
+    const v16 cr = exp16(m - mn);
+    v16 ps = v16{};
+    alignas(64) uint16_t pb[16][16];  // [key][lane], bfloat16 bits; keys past n: probability 0
+    for (int j = 0; j < 16; ++j) {
+      v16 p = v16{};
+      if (j < n) p = exp16(sv[j] - mn), ps += p;
+      const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(p));
+      std::memcpy(pb[j], &h, 32);
+    }
+    for (int jp = 0; jp < 8; ++jp)
+      for (int lane = 0; lane < 16; ++lane)
+        ppair[jp * 16 + lane] = pb[2 * jp][lane] | static_cast<uint32_t>(pb[2 * jp + 1][lane]) << 16;
+    l = l * cr + ps;
+    m = mn;
+    *reinterpret_cast<v16*>(corr) = cr;
+    const int pairs = (n + 1) / 2;
+    for (int jp = 0; jp < pairs; ++jp)
+      for (int i = 0; i < W; ++i) {
+        const __m512i x0 = load512(vrows[2 * jp] + 32 * i), x1 = load512(vrows[2 * jp + 1] + 32 * i);
+        vpair[(jp * W + i) * 2] = _mm512_unpacklo_epi16(x0, x1);
+        vpair[(jp * W + i) * 2 + 1] = _mm512_unpackhi_epi16(x0, x1);
+      }
+    for (int q0 = 0; q0 < nq; q0 += QB) {
+      __m512 a[QB][W][2];
+      for (int b = 0; b < QB; ++b) {
+        const __m512 f = _mm512_set1_ps(corr[q0 + b]);
+        for (int i = 0; i < W; ++i)
+          for (int h = 0; h < 2; ++h) a[b][i][h] = _mm512_mul_ps(_mm512_loadu_ps(pacc + (q0 + b) * D + 32 * i + 16 * h), f);
+      }
+      for (int jp = 0; jp < pairs; ++jp)
+        for (int b = 0; b < QB; ++b) {
+          const __m512bh p = as_bh(_mm512_set1_epi32(static_cast<int>(ppair[jp * 16 + q0 + b])));
+          for (int i = 0; i < W; ++i)
+            for (int h = 0; h < 2; ++h) a[b][i][h] = _mm512_dpbf16_ps(a[b][i][h], as_bh(vpair[(jp * W + i) * 2 + h]), p);
+        }
+      for (int b = 0; b < QB; ++b)
+        for (int i = 0; i < W; ++i)
+          for (int h = 0; h < 2; ++h) _mm512_storeu_ps(pacc + (q0 + b) * D + 32 * i + 16 * h, a[b][i][h]);
+    }
+  }
+  // Lane l of half h of group w holds value 32 w + 8 (l / 4) + 4 h + l % 4 (the unpack order).
+  for (int q = 0; q < nq; ++q)
+    for (int w = 0; w < W; ++w)
+      for (int h = 0; h < 2; ++h)
+        for (int x = 0; x < 16; ++x) acc[q * D + 32 * w + 8 * (x / 4) + 4 * h + x % 4] = pacc[q * D + 32 * w + 16 * h + x];
+}
 #endif
 
 // Runs fn(std::integral_constant<int, G>) for G in 1..8; false for larger groups.
@@ -606,6 +692,10 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   struct Scratch {
     std::vector<float> qf, acc, denom, mx, scores, qt, kbuf, vbuf, pbuf, tacc;
     std::vector<uint16_t> probs;  // bfloat16 probabilities, AVX512-BF16 path
+    std::vector<uint32_t> qt2, ppair;  // AVX512-BF16 tiles: bfloat16 pairs
+#if defined(__AVX512BF16__)
+    std::vector<__m512i> vpair;
+#endif
   };
 
   // Row i, KV head h, keys start .. L-1: the G heads' unnormalised sums in w.acc, their softmax
@@ -691,20 +781,38 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       if constexpr (tiled_path<D, T>()) {
         constexpr int QB = D / 16 >= 20 ? 1 : 20 / (D / 16);
         if (w.qt.empty()) {
-          w.qt.assign(16 * d, 0.f), w.kbuf.resize(16 * d), w.vbuf.resize(16 * d);
+          w.qt.assign(16 * d, 0.f), w.kbuf.resize(36 * d), w.vbuf.resize(16 * d);
           w.pbuf.assign(16 * 16 + QB, 0.f), w.tacc.resize((16 + QB) * d);
         }
         const int nq = static_cast<int>(tile.rows * G);
-        std::fill(w.qt.begin(), w.qt.end(), 0.f);
-        for (int64_t r = 0; r < tile.rows; ++r)
-          for (int64_t g = 0; g < G; ++g) {
-            const T* src = qp + (tile.row + r) * qs0 + (h * G + g) * qs1;
-            for (int64_t x = 0; x < d; ++x) w.qt[x * 16 + r * G + g] = static_cast<float>(src[x]) * sc;
-          }
         v16 m, l;
-        avx512_tile<D, T>(w.qt.data(), nq, kp + h * num_blocks * bs * d, vp + h * num_blocks * bs * d,
-                          tp + tile.row * ts0, bs, tile.shared, w.kbuf.data(), w.vbuf.data(), w.pbuf.data(),
-                          w.tacc.data(), m, l);
+        bool done = false;
+#if defined(__AVX512BF16__)
+        if constexpr (D % 32 == 0 && std::is_same_v<T, c10::BFloat16>) {
+          if (w.qt2.empty()) w.qt2.resize(16 * d / 2), w.ppair.assign(8 * 16 + 16, 0u), w.vpair.resize(8 * d / 16);
+          std::fill(w.qt2.begin(), w.qt2.end(), 0u);
+          for (int64_t r = 0; r < tile.rows; ++r)
+            for (int64_t g = 0; g < G; ++g) {
+              const T* src = qp + (tile.row + r) * qs0 + (h * G + g) * qs1;
+              for (int64_t x = 0; x < d / 2; ++x) std::memcpy(&w.qt2[x * 16 + r * G + g], src + 2 * x, 4);
+            }
+          avx512bf16_tile<D>(w.qt2.data(), nq, sc, kp + h * num_blocks * bs * d, vp + h * num_blocks * bs * d,
+                             tp + tile.row * ts0, bs, tile.shared, w.ppair.data(), w.vpair.data(), w.kbuf.data(),
+                             w.tacc.data(), m, l);
+          done = true;
+        }
+#endif
+        if (!done) {
+          std::fill(w.qt.begin(), w.qt.end(), 0.f);
+          for (int64_t r = 0; r < tile.rows; ++r)
+            for (int64_t g = 0; g < G; ++g) {
+              const T* src = qp + (tile.row + r) * qs0 + (h * G + g) * qs1;
+              for (int64_t x = 0; x < d; ++x) w.qt[x * 16 + r * G + g] = static_cast<float>(src[x]) * sc;
+            }
+          avx512_tile<D, T>(w.qt.data(), nq, kp + h * num_blocks * bs * d, vp + h * num_blocks * bs * d,
+                            tp + tile.row * ts0, bs, tile.shared, w.kbuf.data(), w.vbuf.data(), w.pbuf.data(),
+                            w.tacc.data(), m, l);
+        }
         for (int64_t r = 0; r < tile.rows; ++r) {
           const int64_t i = tile.row + r;
           const bool tail = lp[i] > tile.shared;  // its own keys after the shared ones
