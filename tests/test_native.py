@@ -385,6 +385,20 @@ def test_silu_mul_matches_float64(rows, kern):
     assert bool((err <= 1e-6 * ref.abs() + 1e-6).all()), err.max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [5, 8, 49152 + 3])  # no full vector, exactly one, many and a tail
+def test_argmax_rows_is_torchs_first_index_of_the_maximum(dtype, n, kern):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(7, n + 2, generator=g).to(dtype)[:, :n]  # rows strided, as cut logits are
+    x[1] = -float("inf")  # nothing finite: index 0
+    x[2, n - 1] = x[2, min(3, n - 1)] = 1e9  # a tie: the first wins
+    x[3] = 2.0  # all equal
+    x[4, n - 1] = 50.0  # the maximum in the scalar tail
+    x[5, 0] = 50.0
+    got = kern.argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(-1))
+
+
 # -- bfloat16 -------------------------------------------------------------------------------------------
 BF16_STEP = 2.0 ** -7  # bfloat16 keeps 8 significant bits: one step of the format, relative
 

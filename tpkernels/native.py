@@ -174,6 +174,11 @@ def available() -> bool:
     return bool(_state["loaded"])
 
 
+def loaded() -> bool:
+    """True when the kernels are loaded already; unlike `available()`, never starts a build."""
+    return bool(_state.get("loaded"))
+
+
 def unavailable_reason() -> str | None:
     return None if available() else str(_state.get("error"))
 
@@ -219,6 +224,12 @@ class Ops:
         self._ns.silu_mul(gate_up, out)
         return out
 
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x.argmax(-1) for (rows, n) float32 or bfloat16 without NaN, rows contiguous: int64 (rows,)."""
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._ns.argmax_rows(x, out)
+        return out
+
 
 _serving = Ops(ISA)  # what the model calls, once `available()` has loaded it
 paged_decode_attention = _serving.paged_decode_attention
@@ -226,6 +237,7 @@ small_linear = _serving.small_linear
 add_rms_norm = _serving.add_rms_norm
 rope_ = _serving.rope_
 silu_mul = _serving.silu_mul
+argmax_rows = _serving.argmax_rows
 
 _variants: dict[str, Ops] = {}
 

@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from tpkernels import native
+
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing by them would overflow float32
 SEED_MAX = 2**64 - 1  # torch.Generator seeds are uint64
 TOP_P_FIRST_K = 256  # candidates top-p looks at before widening (×8 per round, up to V)
@@ -265,7 +267,7 @@ class Sampler:
         greedy = [i for i, s in enumerate(states) if s.params.greedy and usable[i]]
         sampled = [i for i, s in enumerate(states) if not s.params.greedy and usable[i]]
         if greedy:
-            tokens[greedy] = _rows(scores, greedy).argmax(-1)  # O(V) per row
+            tokens[greedy] = _argmax(_rows(scores, greedy))  # O(V) per row
         if sampled:  # a few O(V) passes per row (see sampling_distribution), then O(V) for the draw
             probs = sampling_distribution(_rows(scores, sampled), [states[i] for i in sampled])
             mass = probs.sum(dim=-1)  # not finite, or 0: dividing by the temperature overflowed
@@ -301,6 +303,14 @@ def _check_batch(logits: torch.Tensor, states: Sequence[SequenceSampling]) -> No
     if widths - {logits.shape[1]}:
         raise ValueError(
             f"logits have {logits.shape[1]} columns but the sequences' vocab_size is {sorted(widths)}")
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) for rows whose maximum is finite: the native kernel's one pass where it is
+    loaded (torch's CPU argmax is ~10x slower than its amax), else torch's."""
+    if native.loaded() and x.dtype in (torch.float32, torch.bfloat16) and x.stride(-1) == 1:
+        return native.argmax_rows(x)
+    return x.argmax(-1)
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

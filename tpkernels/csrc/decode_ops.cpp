@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -258,6 +259,49 @@ void silu_mul(const at::Tensor& gu, at::Tensor out) {
     silu_mul_impl<bf16>(gu.data_ptr<bf16>(), gs, out.data_ptr<bf16>(), m, f);
 }
 
+// out[i] = the first index of the largest value of row i: torch.argmax's answer for rows without
+// NaN, in one vectorised pass (torch's CPU argmax took 1.8 ms for 64 rows of a 49152-word
+// vocabulary, its amax 0.15 ms). Each lane keeps the first index where its maximum occurs; the
+// lanes then settle ties by the smaller index.
+template <typename T>
+void argmax_impl(const T* xp, int64_t xs, int64_t m, int64_t n, int64_t* op) {
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* x = xp + i * xs;
+      v8 best = v8{} - std::numeric_limits<float>::infinity();
+      i8 at = {}, idx = {0, 1, 2, 3, 4, 5, 6, 7};
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) {
+        const v8 v = load8(x + j);
+        const i8 gt = v > best;
+        best = gt ? v : best;
+        at = gt ? idx : at;
+        idx += 8;
+      }
+      float bv = best[0];
+      int64_t bi = at[0];
+      for (int l = 1; l < 8; ++l)
+        if (best[l] > bv || (best[l] == bv && at[l] < bi)) bv = best[l], bi = at[l];
+      for (; j < n; ++j)  // later indices than any lane's: only a strictly larger value wins
+        if (to_f(x[j]) > bv) bv = to_f(x[j]), bi = j;
+      op[i] = bi;
+    }
+  });
+}
+
+// x (m, n) float32 or bfloat16, rows contiguous -> out (m,) int64.
+void argmax_rows(const at::Tensor& x, at::Tensor out) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.dim() == 1 && out.size(0) == x.size(0) &&
+              out.scalar_type() == at::kLong && out.is_contiguous(), "argmax_rows: x (m, n) rows contiguous, out (m,) int64");
+  TORCH_CHECK(x.size(1) < (int64_t{1} << 31), "argmax_rows: rows of fewer than 2^31 values");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "argmax_rows: float32 or bfloat16");
+  if (dt == at::kFloat)
+    argmax_impl<float>(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), out.data_ptr<int64_t>());
+  else
+    argmax_impl<bf16>(x.data_ptr<bf16>(), x.stride(0), x.size(0), x.size(1), out.data_ptr<int64_t>());
+}
+
 }  // namespace
 
 TPSERVE_LIBRARY_FRAGMENT(TPSERVE_NS, m) {
@@ -265,6 +309,7 @@ TPSERVE_LIBRARY_FRAGMENT(TPSERVE_NS, m) {
   m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, Tensor(a!) residual, Tensor(b!) out) -> ()");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_mul(Tensor gu, Tensor(a!) out) -> ()");
+  m.def("argmax_rows(Tensor x, Tensor(a!) out) -> ()");
 }
 
 TPSERVE_LIBRARY_IMPL(TPSERVE_NS, CPU, m) {
@@ -272,4 +317,5 @@ TPSERVE_LIBRARY_IMPL(TPSERVE_NS, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_", &rope_);
   m.impl("silu_mul", &silu_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }
