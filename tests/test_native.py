@@ -386,6 +386,40 @@ def test_silu_mul_matches_float64(rows, kern):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_rope", [True, False])
+def test_rope_and_cache_equals_the_torch_ops(dtype, with_rope, kern):
+    """The fused op leaves q, k and both caches as torch's rope and `LayerCache.write` do,
+    on q, k, v viewed out of one fused projection; a slot outside the cache is refused, untouched."""
+    from tpkernels import TORCH_OPS
+
+    n, hq, hkv, d, bs, blocks = 37, 9, 3, 64, 16, 8
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    angles = torch.rand(n, 1, 32, generator=g) * 6.3  # per token, broadcast over heads
+    rope = (angles.cos().to(dtype), angles.sin().to(dtype)) if with_rope else None
+    slots = torch.randperm(blocks * bs, generator=g)[:n]
+    results = []
+    for fused in (False, True):
+        x = qkv.clone()
+        q, k, v = x.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d)
+        cache = KVCache(1, hkv, d, blocks, bs, dtype, CPU).layers[0]
+        if fused:
+            kern.rope_and_cache_(q, k, v, rope, slots, cache.k, cache.v)
+        else:
+            q, k = TORCH_OPS.rope_and_cache(q, k, v, rope, slots, cache)
+        results.append((q, k, cache.k.clone(), cache.v.clone()))
+    for want, got in zip(*results):  # float32 rotations may contract into FMAs: last-bit differences
+        torch.testing.assert_close(got, want, atol=1e-6 if dtype == torch.float32 else 0, rtol=0)
+    bad = slots.clone()
+    bad[5] = (blocks + 1) * bs  # one past the cache, pad block included
+    before = cache.k.clone()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kern.rope_and_cache_(q, k, v, rope, bad, cache.k, cache.v)
+    assert torch.equal(cache.k, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [5, 8, 49152 + 3])  # no full vector, exactly one, many and a tail
 def test_argmax_rows_is_torchs_first_index_of_the_maximum(dtype, n, kern):
     g = torch.Generator().manual_seed(n)

@@ -94,10 +94,7 @@ class NativeOps:
 
     @staticmethod
     def rope_and_cache(q, k, v, rope, slots, cache):
-        if rope is not None:  # in place, on this step's fresh projection
-            native.rope_(q, *rope)
-            native.rope_(k, *rope)
-        cache.write(slots, k, v)
+        native.rope_and_cache_(q, k, v, rope, slots, cache.k, cache.v)  # in place, on this step's projection
         return q, k
 
     @staticmethod

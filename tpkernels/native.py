@@ -218,6 +218,15 @@ class Ops:
         """Rotates x (tokens, heads, d) in place; cos, sin hold d/2 values per token."""
         self._ns.rope_(x, cos, sin)
 
+    def rope_and_cache_(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        rope: tuple[torch.Tensor, torch.Tensor] | None, slots: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """q (tokens, heads, d) and k (tokens, kv_heads, d) rotated in place by rope's (cos, sin)
+        when given, then k and v stored at the caches' slots (tokens,); caches (kv_heads, blocks,
+        block_size * d)."""
+        cos, sin = rope if rope is not None else (None, None)
+        self._ns.rope_and_cache_(q, k, v, cos, sin, slots, k_cache, v_cache)
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) · up for gate_up = [gate | up] (rows, 2f)."""
         out = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
@@ -236,6 +245,7 @@ paged_decode_attention = _serving.paged_decode_attention
 small_linear = _serving.small_linear
 add_rms_norm = _serving.add_rms_norm
 rope_ = _serving.rope_
+rope_and_cache_ = _serving.rope_and_cache_
 silu_mul = _serving.silu_mul
 argmax_rows = _serving.argmax_rows
 
