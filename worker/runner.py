@@ -22,6 +22,7 @@ from sharding.arch import ModelConfig
 from sharding.group import TPGroup
 from sharding.loader import DTYPES, load_rank_weights
 from sharding.plan import RankPlan
+from worker import host_memory
 from worker.cuda_graphs import DecodeGraphs
 from worker.kv_cache import KVCache
 from worker.model import Transformer
@@ -48,6 +49,8 @@ class ModelRunner:
         """`cuda_graphs_up_to`: replay decode steps of up to this many sequences from CUDA graphs
         (0: never)."""
         t0 = time.perf_counter()
+        if group.device.type == "cpu":  # activations come from the host heap: keep it mapped
+            host_memory.keep_freed_memory()
         weights = load_rank_weights(path, plan, DTYPES[dtype], group.device, progress)
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         model = Transformer(cfg, plan, weights, group, max_positions, kernels)
