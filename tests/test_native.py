@@ -234,6 +234,41 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window, paged_prefill
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
 
+def test_decodes_on_a_shared_prefix_are_grouped_for_the_kernels_tiles():
+    """Decodes on two cached prompt prefixes, arriving interleaved (A B A B A), and one on its
+    own: the paged rows put each prefix's decodes side by side, so the kernel can tile them, and
+    the outputs still equal the torch path's. Rows already side by side stay in place."""
+    assert native.available()
+    bs, num_blocks, d, hq, hkv = 16, 96, 64, 8, 4
+    torch.manual_seed(3)
+    kv = KVCache(1, hkv, d, num_blocks, bs, torch.float32, CPU)
+    cache = kv.layers[0]
+    cache.k.normal_()
+    cache.v.normal_()
+    free = list(range(num_blocks))
+    random.Random(2).shuffle(free)
+    prefix = {"A": [free.pop() for _ in range(4)], "B": [free.pop() for _ in range(5)]}
+    seqs, kinds = [], "ABABA"
+    for j, kind in enumerate(kinds):
+        cached = len(prefix[kind]) * bs + 3 + j  # the shared blocks, then a few tokens of its own
+        seqs.append(([1], cached, prefix[kind] + [free.pop()]))
+    seqs.append(([1], 40, [free.pop() for _ in range(3)]))
+    step = StepInput.build(seqs, bs)
+    n = step.num_tokens
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    cache.write(step.slot_mapping, k, v)
+    outs = []
+    for kernel in (None, native.paged_decode_attention):
+        meta = AttentionMetadata.build(step, bs, {None}, hkv, kv.blocks_per_head, CPU, kernel)
+        outs.append(paged_attention(q, k, v, cache, meta, None, d ** -0.5))
+    assert meta.paged_decodes.tokens.tolist() == [0, 2, 4, 1, 3, 5]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+
+    grouped = StepInput.build([seqs[i] for i in (0, 2, 4, 1, 3, 5)], bs)
+    meta = AttentionMetadata.build(grouped, bs, {None}, hkv, kv.blocks_per_head, CPU, native.paged_decode_attention)
+    assert meta.paged_decodes.tokens is None  # nothing to regroup: the rows are read in place
+
+
 def _f64_linear(x, w, b):
     return torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
 

@@ -24,7 +24,9 @@ they lie, through its block table, with no copy and no padding. Short prefill ch
 context (a request whose prompt starts with a cached prefix, the later chunks of a long prompt)
 go the same way: each of their query tokens is a row of its own whose context ends at its own
 position, which is the causal mask. Their K/V are in the cache already: every layer writes the
-step's K/V before attending.
+step's K/V before attending. The kernel tiles adjacent rows that share cached blocks, so decodes
+on the same cached prompt prefix that arrive interleaved with others are put side by side first
+(`_decode_order`).
 """
 
 from __future__ import annotations
@@ -151,14 +153,34 @@ def _paged_chunks(step: StepInput, qlens: list[int], clens: list[int], every: bo
             if every or (qlens[s] < clens[s] and qlens[s] <= PAGED_CHUNK_TOKENS)}
 
 
+def _decode_order(step: StepInput) -> list[int]:
+    """The decodes in step order, unless some whose tables start with the same block (a prompt
+    prefix the prefix cache shares) lie apart: then grouped by that block, the groups in order of
+    their first row. The kernel tiles adjacent rows that share blocks and reads those keys once
+    per tile; regrouping costs a gather and a scatter of the rows, so it is done only where it
+    joins rows."""
+    nd = step.num_decodes
+    order = list(range(nd))
+    if nd < 3:
+        return order
+    first = step.block_tables[:nd, 0].tolist()
+    groups: dict[int, list[int]] = {}
+    for i, b in enumerate(first):
+        groups.setdefault(b, []).append(i)
+    if all(g[-1] - g[0] == len(g) - 1 for g in groups.values()):  # each group already adjacent
+        return order
+    return [i for g in groups.values() for i in g]
+
+
 def _paged_rows(step: StepInput, qlens: list[int], clens: list[int], chunks: set[int], kernel: Callable,
                 device) -> PagedDecodes:
-    """The decodes, then a row per token of each chunk in `chunks`."""
+    """The decodes (grouped by `_decode_order`), then a row per token of each chunk in `chunks`."""
     nd = step.num_decodes
-    if not chunks:
+    order = _decode_order(step)
+    if not chunks and order == list(range(nd)):
         return PagedDecodes(step.block_tables[:nd].contiguous().to(device),
                             step.context_lens[:nd].contiguous().to(device), kernel)
-    seqs, lens, tokens, start = list(range(nd)), list(clens[:nd]), list(range(nd)), nd
+    seqs, lens, tokens, start = list(order), [clens[i] for i in order], list(order), nd
     for s in range(nd, step.num_seqs):
         T, L = qlens[s], clens[s]
         if s in chunks:
@@ -167,7 +189,7 @@ def _paged_rows(step: StepInput, qlens: list[int], clens: list[int], chunks: set
             tokens += range(start, start + T)
         start += T
     t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-    every = len(tokens) == start  # all the step's tokens in packed order: no index needed
+    every = tokens == list(range(start))  # all the step's tokens in packed order: no index needed
     return PagedDecodes(step.block_tables[seqs].to(device), t(lens), kernel, None if every else t(tokens))
 
 
