@@ -141,20 +141,7 @@ inline v16 load16(const c10::BFloat16* p) {
 }
 inline v16 splat16(float x) { return v16{} + x; }
 
-inline v16 exp16(v16 x) {  // exp8's polynomial, 16 lanes at once
-  x = x < -87.f ? -87.f : x;
-  const v16 t = x * 1.44269504f;
-  const v16 n = (t + 12582912.f) - 12582912.f;
-  const v16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  v16 p = r * (1.f / 720.f) + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-  return p * (v16)e;
-}
+inline v16 exp16(v16 x) { return exp_lanes<v16, i16v>(x); }  // exp8, 16 lanes at once
 
 // x holds the partial sums of K keys, S = 16 / K lanes each; so does y. The result holds the 2K
 // keys, x's then y's, in S / 2 lanes each: every key's two halves added. Lane p of the result
@@ -324,6 +311,25 @@ void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table
   }
 }
 
+// A tile's online softmax over one chunk of keys, lane by lane: s[j] holds key j's scores (j < n)
+// and becomes its probability e^(s[j] - m'), 0 for j >= n, where m' is the running maximum
+// with this chunk; l, the running sum, and m become those after the chunk. Returns e^(m - m'),
+// the factor the tile's accumulators must be rescaled by.
+inline v16 softmax_chunk(v16* s, int n, v16& m, v16& l) {
+  v16 mc = s[0];
+  for (int j = 1; j < n; ++j) mc = mc > s[j] ? mc : s[j];
+  const v16 mn = m > mc ? m : mc;
+  const v16 cr = exp16(m - mn);
+  v16 ps = v16{};
+  for (int j = 0; j < 16; ++j) {
+    s[j] = j < n ? exp16(s[j] - mn) : v16{};
+    ps += s[j];
+  }
+  l = l * cr + ps;
+  m = mn;
+  return cr;
+}
+
 // Several rows that see the same keys: the rows of one prefill chunk (each sees the chunk's
 // context up to its own position, so all see the context before the first), and decodes whose
 // block tables begin with the same blocks (a prompt prefix the prefix cache shares). A tile holds
@@ -372,19 +378,8 @@ void avx512_tile(const float* qt, int nq, const T* kh, const T* vh, const int64_
       const v16 q = load16(qt + 16 * x);
       for (int j = 0; j < 16; ++j) s[j] += q * kr[j][x];
     }
-    v16 mc = s[0];
-    for (int j = 1; j < n; ++j) mc = mc > s[j] ? mc : s[j];
-    const v16 mn = m > mc ? m : mc;
-    const v16 cr = exp16(m - mn);
-    v16 ps = v16{};
-    for (int j = 0; j < n; ++j) {
-      const v16 p = exp16(s[j] - mn);
-      *reinterpret_cast<v16*>(pbuf + 16 * j) = p;
-      ps += p;
-    }
-    l = l * cr + ps;
-    m = mn;
-    *reinterpret_cast<v16*>(corr) = cr;
+    *reinterpret_cast<v16*>(corr) = softmax_chunk(s, n, m, l);
+    for (int j = 0; j < n; ++j) *reinterpret_cast<v16*>(pbuf + 16 * j) = s[j];
     for (int q0 = 0; q0 < nq; q0 += QB) {
       v16 a[QB][V];
       for (int b = 0; b < QB; ++b) {
@@ -530,24 +525,15 @@ void avx512bf16_tile(const uint32_t* qt2, int nq, float sc, const c10::BFloat16*
     }
     v16 sv[16];
     for (int j = 0; j < 16; ++j) sv[j] = reinterpret_cast<v16&>(s[j]) * sc;
-    v16 mc = sv[0];
-    for (int j = 1; j < n; ++j) mc = mc > sv[j] ? mc : sv[j];
-    const v16 mn = m > mc ? m : mc;
-    const v16 cr = exp16(m - mn);
-    v16 ps = v16{};
+    *reinterpret_cast<v16*>(corr) = softmax_chunk(sv, n, m, l);
     alignas(64) uint16_t pb[16][16];  // [key][lane], bfloat16 bits; keys past n: probability 0
     for (int j = 0; j < 16; ++j) {
-      v16 p = v16{};
-      if (j < n) p = exp16(sv[j] - mn), ps += p;
-      const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(p));
+      const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(sv[j]));
       std::memcpy(pb[j], &h, 32);
     }
     for (int jp = 0; jp < 8; ++jp)
       for (int lane = 0; lane < 16; ++lane)
         ppair[jp * 16 + lane] = pb[2 * jp][lane] | static_cast<uint32_t>(pb[2 * jp + 1][lane]) << 16;
-    l = l * cr + ps;
-    m = mn;
-    *reinterpret_cast<v16*>(corr) = cr;
     const int pairs = (n + 1) / 2;
     for (int jp = 0; jp < pairs; ++jp)
       for (int i = 0; i < W; ++i) {
