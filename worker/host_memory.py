@@ -19,6 +19,7 @@ own behaviour, unchanged).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -32,8 +33,6 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MB come from the h
 TRIM_THRESHOLD = 1 << 30  # give the heap's top back only once a GB of it is free
 TOP_PAD = 64 << 20  # grow the heap 64 MB at a time
 
-_applied: dict[str, bool] = {}
-
 
 def choice() -> str:
     value = os.environ.get("TPSERVE_MALLOC", "keep")
@@ -42,11 +41,10 @@ def choice() -> str:
     return value
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Applies the settings above to this process once (glibc only; TPSERVE_MALLOC=system leaves
     glibc alone). True when they are in force."""
-    if "done" in _applied:
-        return _applied["done"]
     ok = False
     if choice() == "keep" and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:
@@ -56,5 +54,4 @@ def keep_freed_memory() -> bool:
                 (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
         except (OSError, AttributeError) as e:
             log.warning("tpserve: could not tune glibc's allocator: %s", e)
-    _applied["done"] = ok
     return ok

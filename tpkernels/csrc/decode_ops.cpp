@@ -229,7 +229,7 @@ inline void store8(bf16* o, v8 v) {  // v already holds bfloat16 values: keep th
 // slowest elementwise step of a prefill: torch's silu and mul, two passes, were faster).
 template <typename T>
 void silu_mul_impl(const T* gp, int64_t gs, T* op, int64_t m, int64_t f) {
-  at::parallel_for(0, m, 32, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T *g = gp + i * gs, *u = g + f;
       T* o = op + i * f;
@@ -286,12 +286,11 @@ void rope_and_cache_(at::Tensor q, at::Tensor k, const at::Tensor& v, const std:
     rope_(q, *cos, *sin);
     rope_(k, *cos, *sin);
   }
-  const int64_t bytes = d * static_cast<int64_t>(k.element_size());
+  const int64_t es = k.element_size(), bytes = d * es;
   const char* kp = static_cast<const char*>(k.data_ptr());
   const char* vp = static_cast<const char*>(v.data_ptr());
   char* kc = static_cast<char*>(k_cache.data_ptr());
   char* vc = static_cast<char*>(v_cache.data_ptr());
-  const int64_t es = k.element_size();
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t h = 0; h < hkv; ++h) {
