@@ -194,6 +194,33 @@ def test_kernel_single_token_is_its_value(kern):
     assert torch.equal(out[0], expect.repeat_interleave(2, dim=0))
 
 
+def _random_layer_cache(hkv, d, num_blocks, bs, torch_seed, shuffle_seed):
+    """A one-layer float32 cache of random K/V, and its block ids in shuffled order to hand out."""
+    torch.manual_seed(torch_seed)
+    kv = KVCache(1, hkv, d, num_blocks, bs, torch.float32, CPU)
+    kv.layers[0].k.normal_()
+    kv.layers[0].v.normal_()
+    free = list(range(num_blocks))
+    random.Random(shuffle_seed).shuffle(free)
+    return kv, free
+
+
+def _torch_and_native(step, kv, hq, window, **build):
+    """Random q, k, v for `step`, k and v written to the cache, through `paged_attention` without
+    and with the native kernel: ([outputs], [metadata]), the torch path's first."""
+    cache = kv.layers[0]
+    hkv, d = cache.num_kv_heads, cache.head_dim
+    n = step.num_tokens
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    cache.write(step.slot_mapping, k, v)
+    outs, metas = [], []
+    for kernel in (None, native.paged_decode_attention):
+        meta = AttentionMetadata.build(step, kv.block_size, {window}, hkv, kv.blocks_per_head, CPU, kernel, **build)
+        metas.append(meta)
+        outs.append(paged_attention(q, k, v, cache, meta, window, d ** -0.5))
+    return outs, metas
+
+
 @pytest.mark.parametrize("hq,hkv,window", [(9, 3, None), (4, 2, 5)])
 @pytest.mark.parametrize("paged_prefill", [False, True])
 def test_paged_attention_native_equals_torch_path(hq, hkv, window, paged_prefill):
@@ -202,13 +229,7 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window, paged_prefill
     with `paged_prefill` every chunk: the outputs agree."""
     assert native.available()
     bs, num_blocks, d = 16, 96, 64
-    torch.manual_seed(7)
-    kv = KVCache(1, hkv, d, num_blocks, bs, torch.float32, CPU)
-    cache = kv.layers[0]
-    cache.k.normal_()
-    cache.v.normal_()
-    free = list(range(num_blocks))
-    random.Random(1).shuffle(free)
+    kv, free = _random_layer_cache(hkv, d, num_blocks, bs, torch_seed=7, shuffle_seed=1)
 
     def table(tokens):
         return [free.pop() for _ in range(-(-tokens // bs))]
@@ -220,17 +241,10 @@ def test_paged_attention_native_equals_torch_path(hq, hkv, window, paged_prefill
     seqs.append(([1] * 9, 37, table(46)))  # a later chunk of a long prompt
     seqs.append(([1] * 100, 0, table(100)))  # a prompt longer than the short-chunk limit
     step = StepInput.build(seqs, bs)
-    n = step.num_tokens
-    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-    cache.write(step.slot_mapping, k, v)
-    outs = []
-    for kernel in (None, native.paged_decode_attention):
-        meta = AttentionMetadata.build(step, bs, {window}, hkv, kv.blocks_per_head, CPU, kernel,
-                                       paged_prefill=paged_prefill)
-        assert (meta.paged_decodes is not None) == (kernel is not None)
-        if kernel is not None:  # the chunks SDPA still takes
-            assert [c.stop - c.start for c in meta.prefills] == ([] if paged_prefill else [20, 100])
-        outs.append(paged_attention(q, k, v, cache, meta, window, d ** -0.5))
+    outs, (plain, paged) = _torch_and_native(step, kv, hq, window, paged_prefill=paged_prefill)
+    assert plain.paged_decodes is None and paged.paged_decodes is not None
+    # the chunks SDPA still takes
+    assert [c.stop - c.start for c in paged.prefills] == ([] if paged_prefill else [20, 100])
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
 
@@ -240,13 +254,7 @@ def test_decodes_on_a_shared_prefix_are_grouped_for_the_kernels_tiles():
     the outputs still equal the torch path's. Rows already side by side stay in place."""
     assert native.available()
     bs, num_blocks, d, hq, hkv = 16, 96, 64, 8, 4
-    torch.manual_seed(3)
-    kv = KVCache(1, hkv, d, num_blocks, bs, torch.float32, CPU)
-    cache = kv.layers[0]
-    cache.k.normal_()
-    cache.v.normal_()
-    free = list(range(num_blocks))
-    random.Random(2).shuffle(free)
+    kv, free = _random_layer_cache(hkv, d, num_blocks, bs, torch_seed=3, shuffle_seed=2)
     prefix = {"A": [free.pop() for _ in range(4)], "B": [free.pop() for _ in range(5)]}
     seqs, kinds = [], "ABABA"
     for j, kind in enumerate(kinds):
@@ -254,13 +262,7 @@ def test_decodes_on_a_shared_prefix_are_grouped_for_the_kernels_tiles():
         seqs.append(([1], cached, prefix[kind] + [free.pop()]))
     seqs.append(([1], 40, [free.pop() for _ in range(3)]))
     step = StepInput.build(seqs, bs)
-    n = step.num_tokens
-    q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)
-    cache.write(step.slot_mapping, k, v)
-    outs = []
-    for kernel in (None, native.paged_decode_attention):
-        meta = AttentionMetadata.build(step, bs, {None}, hkv, kv.blocks_per_head, CPU, kernel)
-        outs.append(paged_attention(q, k, v, cache, meta, None, d ** -0.5))
+    outs, (_, meta) = _torch_and_native(step, kv, hq, None)
     assert meta.paged_decodes.tokens.tolist() == [0, 2, 4, 1, 3, 5]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
 
