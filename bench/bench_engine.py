@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sharding.arch import ModelConfig  # noqa: E402
 from sharding.group import TPGroup  # noqa: E402
 from sharding.plan import ShardingPlan  # noqa: E402
+from worker import host_memory  # noqa: E402
 from worker.engine import Engine, Request  # noqa: E402
 from worker.runner import ModelRunner  # noqa: E402
 from worker.sampling import SamplingParams  # noqa: E402
@@ -176,6 +177,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
+    host_memory.restart_with_rank_environment()  # the in-process engine starts as a served rank does
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     cfg = ModelConfig.from_dir(path)

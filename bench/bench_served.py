@@ -32,6 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 
 from bench_engine import make_engine, run_ours, workload  # noqa: E402
+from worker import host_memory  # noqa: E402
 
 CONFIG = """
 model: {{path: {model}}}
@@ -109,6 +110,7 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=2, help="threads of the one rank, and its Ray CPUs")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
+    host_memory.restart_with_rank_environment()  # the in-process engine starts as a served rank does
     path = resolve_model(args.model)
     vocab = __import__("json").loads((Path(path) / "config.json").read_text())["vocab_size"]
     reqs = workload(args.requests, vocab, 0, args.max_output)

@@ -108,8 +108,10 @@ def run_ours(args, model_dir: str, dtype: str, cores: str, loads: dict, job_dir:
     path = job_dir / "ours-job.json"
     path.write_text(json.dumps({"model": model_dir, "dtype": dtype, "cores": cores,
                                 "workloads": loads, "warmup": [[list(range(100, 132)), 8]]}))
+    from worker import host_memory  # our process starts as a served rank's does (huge pages)
+
     proc = subprocess.run([sys.executable, __file__, "--run-ours", str(path)], capture_output=True, text=True,
-                          timeout=3600, cwd=ROOT)
+                          timeout=3600, cwd=ROOT, env={**os.environ, **host_memory.rank_environment()})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"tpserve failed (exit {proc.returncode}): {proc.stderr[-2000:]}")

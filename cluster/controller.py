@@ -31,6 +31,7 @@ from sharding.arch import ModelConfig
 from sharding.group import resolve_backend
 from sharding.loader import DTYPES
 from sharding.plan import ShardingPlan
+from worker import host_memory
 from worker.actor import RankWorker, WorkerSpec
 from worker.kv_cache import KVCache
 
@@ -244,6 +245,9 @@ class Controller:
             max_concurrency=16,  # poll, submit and health run beside the engine thread
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
         )
+        if d.type == "cpu" and (env := host_memory.rank_environment()):
+            # read by glibc when the process starts (huge pages): Ray starts a process for it
+            options["runtime_env"] = {"env_vars": env}
         return ray.remote(RankWorker).options(**options).remote(spec)
 
     def _backend(self, nodes: list[dict]) -> str:

@@ -3,6 +3,8 @@ one machine) with a replica spanning nodes and two replicas on different nodes."
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 
 from cluster.config import DeploymentConfig
@@ -70,6 +72,15 @@ def test_shared_memory_ranks_are_pinned_to_cores_of_their_own(tp2):
     (replica,) = tp2.controller.replicas
     cpus = [ray.get(a.node_info.remote())["cpus"] for a in replica.ranks]
     assert all(len(c) == 1 for c in cpus) and cpus[0] != cpus[1]
+
+
+def test_cpu_ranks_start_with_glibc_asked_for_huge_pages(tp2):
+    from worker import host_memory
+
+    (replica,) = tp2.controller.replicas
+    expected = bool(host_memory.rank_environment())  # glibc on Linux, TPSERVE_MALLOC=keep
+    assert [n["started_with_rank_environment"] for n in replica.nodes] == [expected, expected]
+    assert expected or platform.libc_ver()[0] != "glibc"
 
 
 def test_replica_spanning_nodes(ray_cluster, smollm2_dir, tp2):

@@ -1,5 +1,6 @@
 """worker.host_memory: an engine that frees a step's activations gets that memory back from the
-allocator without page faults, and TPSERVE_MALLOC=system leaves glibc alone."""
+allocator without page faults; a process started with `rank_environment()` gets its memory on
+huge pages; TPSERVE_MALLOC=system leaves glibc alone."""
 
 from __future__ import annotations
 
@@ -63,3 +64,71 @@ def test_a_bad_choice_names_the_variable(monkeypatch):
     monkeypatch.setenv("TPSERVE_MALLOC", "tcmalloc")
     with pytest.raises(ValueError, match="TPSERVE_MALLOC must be one of"):
         host_memory.choice()
+
+
+GLIBC_LINUX = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                 reason="glibc only")
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@GLIBC_LINUX
+def test_rank_environment_adds_huge_pages_to_the_operators_tunables(monkeypatch):
+    monkeypatch.delenv("TPSERVE_MALLOC", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert host_memory.rank_environment() == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert host_memory.rank_environment() == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the operator's own choice stands
+    assert host_memory.rank_environment() == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    monkeypatch.setenv("TPSERVE_MALLOC", "system")
+    assert host_memory.rank_environment() == {}
+
+
+HUGE_CHILD = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}]
+    import torch
+    from worker import host_memory
+    x = torch.ones(256 << 20, dtype=torch.uint8)  # 256 MB, written
+    huge = next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+    print(host_memory.started_with_rank_environment(), huge, " ".join(sys.argv[1:]))
+""")
+
+
+def _huge_child(env: dict, *argv: str, restart: bool = False) -> tuple[bool, int, str]:
+    code = HUGE_CHILD.format(root=str(ROOT))
+    if restart:
+        code = code.replace("import torch\n", "import torch\nfrom worker import host_memory\n"
+                            "host_memory.restart_with_rank_environment()\n", 1)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("GLIBC_TUNABLES", "TPSERVE_MALLOC", host_memory.RESTARTED)}
+    out = subprocess.run([sys.executable, "-c", code, *argv], env={**base, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    started, huge, args = (out.stdout.strip().split(" ", 2) + [""])[:3]
+    return started == "True", int(huge), args
+
+
+@GLIBC_LINUX
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages only where asked for (madvise)")
+def test_a_process_started_with_the_rank_environment_gets_huge_pages(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("TPSERVE_MALLOC", raising=False)
+    env = host_memory.rank_environment()
+    started, huge_kb, _ = _huge_child(env)
+    assert started and huge_kb >= 128 << 10, huge_kb  # at least half of the 256 MB on 2 MB pages
+    started, huge_kb, _ = _huge_child({})
+    assert not started and huge_kb < 8 << 10, huge_kb
+    # a script that asks to be restarted with it gets it, and keeps its arguments
+    started, huge_kb, args = _huge_child({}, "--flag", "two words", restart=True)
+    assert started and huge_kb >= 128 << 10 and args == "--flag two words"
+    # TPSERVE_MALLOC=system: nothing asked, nothing restarted
+    started, huge_kb, _ = _huge_child({"TPSERVE_MALLOC": "system"}, restart=True)
+    assert started and huge_kb < 8 << 10  # started with everything asked of it: nothing

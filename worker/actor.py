@@ -2,7 +2,7 @@
 
 Lifecycle, each step a typed method the controller calls in order:
 
-    node_info()          where the actor landed (node, IP, device)
+    node_info()          where the actor landed (node, IP, device, its start-up environment)
     open_store()         rank 0 only: the rendezvous store on a free port
     init_group(...)      join the replica's process group
     load()               read this rank's slices of the checkpoint (`progress()` reports how far)
@@ -35,6 +35,7 @@ from sharding.group import TPGroup, interface_with_address, open_store
 from sharding.pinning import claim_cores
 from sharding.plan import RankPlan
 from sharding.shm import ShmCommunicator
+from worker import host_memory
 from worker.engine import Engine, FinishReason, Request, RequestOutput
 from worker.runner import ModelRunner
 from worker.step import StepInput
@@ -164,6 +165,7 @@ class RankWorker:
             "device": str(self.device),
             "cpus": sorted(os.sched_getaffinity(0)),
             "shm_free_bytes": ShmCommunicator.free_bytes(),
+            "started_with_rank_environment": host_memory.started_with_rank_environment(),
         }
 
     def open_store(self, host: str) -> int:
