@@ -6,7 +6,8 @@
     metrics.close()
 
 Every series is labelled by ``replica`` (the replica id), except error statuses, most of which
-happen before a request has a replica. Gauges of engine state (running, waiting, KV-cache use) come from each
+happen before a request has a replica. A request that ended before any replica took it (it waited
+while every replica was being rebuilt) is counted under ``replica="none"``. Gauges of engine state (running, waiting, KV-cache use) come from each
 replica's stats, refreshed about once a second by the router; counters and histograms are updated
 as outputs arrive.
 
@@ -17,7 +18,6 @@ as outputs arrive.
     tpserve_replica_healthy{replica}             1 while the replica takes requests
     tpserve_replica_failures_total{replica}      times the replica was taken out of routing
     tpserve_request_failovers_total{replica}     requests moved off the replica when it failed (each resumes elsewhere)
-    tpserve_request_failovers_total{replica}     requests moved off the replica when it failed
     tpserve_replica_restarts_total{replica}      times the replica was rebuilt and took requests again
     tpserve_prompt_tokens_total{replica}         prompt tokens of requests that started generating
     tpserve_generation_tokens_total{replica}     generated tokens
@@ -32,6 +32,12 @@ as outputs arrive.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+NO_REPLICA = "none"  # the replica label of a request no replica ever took (the router's id -1)
+
+
+def _label(replica_id: int) -> str:
+    return str(replica_id) if replica_id >= 0 else NO_REPLICA
 
 # Seconds. Spans a fast CPU decode step (~10 ms) to a long queued request (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -77,7 +83,7 @@ class Metrics:
 
     # -- updates ------------------------------------------------------------------------------
     def replica_stats(self, replica_id: int, stats: dict) -> None:
-        label = str(replica_id)
+        label = _label(replica_id)
         self.running.labels(label).set(stats.get("running", 0))
         self.waiting.labels(label).set(stats.get("waiting", 0))
         total = stats.get("kv_blocks_total") or 0
@@ -86,22 +92,22 @@ class Metrics:
         self.prefix_hits.labels(label).set(stats.get("prefix_cache_hit_tokens", 0) / queried if queried else 0.0)
 
     def replica_health(self, replica_id: int, healthy: bool) -> None:
-        self.healthy.labels(str(replica_id)).set(1 if healthy else 0)
+        self.healthy.labels(_label(replica_id)).set(1 if healthy else 0)
 
     def replica_failed(self, replica_id: int) -> None:
-        self.failures.labels(str(replica_id)).inc()
+        self.failures.labels(_label(replica_id)).inc()
         self.replica_health(replica_id, False)
 
     def request_failover(self, replica_id: int) -> None:
-        self.failovers.labels(str(replica_id)).inc()
+        self.failovers.labels(_label(replica_id)).inc()
 
     def replica_restarted(self, replica_id: int) -> None:
-        self.restarts.labels(str(replica_id)).inc()
+        self.restarts.labels(_label(replica_id)).inc()
         self.replica_health(replica_id, True)
 
     def first_token(self, replica_id: int, seconds: float, prompt_tokens: int,
                     queued_s: float | None) -> None:
-        label = str(replica_id)
+        label = _label(replica_id)
         self.ttft.labels(label).observe(seconds)
         self.prompt_tokens.labels(label).inc(prompt_tokens)
         if queued_s is not None:
@@ -109,7 +115,7 @@ class Metrics:
 
     def tokens(self, replica_id: int, count: int, gap_s: float | None) -> None:
         """`count` tokens arrived together, `gap_s` after the previous ones (None: the first)."""
-        label = str(replica_id)
+        label = _label(replica_id)
         self.generation_tokens.labels(label).inc(count)
         if gap_s is not None and count:
             per_token = gap_s / count  # tokens batched in one delta share the gap
@@ -117,7 +123,7 @@ class Metrics:
                 self.itl.labels(label).observe(per_token)
 
     def request_finished(self, replica_id: int, reason: str, seconds: float) -> None:
-        label = str(replica_id)
+        label = _label(replica_id)
         self.finished.labels(label, reason).inc()
         self.e2e.labels(label).observe(seconds)
 

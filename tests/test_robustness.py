@@ -311,7 +311,8 @@ def test_a_waiting_request_gives_up_after_failover_wait_s(fake_ray):
         controller = RebuildingController(1)
         release = threading.Event()
         controller.restart = lambda rid: release.wait(10) and None
-        router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=True, wait_s=0.2)
+        metrics = Metrics()
+        router = Router(controller, AdmissionPolicy(4, 4), metrics, rebuild=True, wait_s=0.2)
         router.start(asyncio.get_running_loop())
         try:
             router._fail_replica(router._links[0], "rank 0 died")
@@ -320,6 +321,10 @@ def test_a_waiting_request_gives_up_after_failover_wait_s(fake_ray):
                 await handle.next()
             router.release(handle)
             assert router._admitted == 0 and not router._waiting
+            # no replica ever took it: counted as replica "none", not under a replica id of -1
+            finished = {tuple(sorted(s.labels.items())): s.value for m in metrics.registry.collect()
+                        if m.name == "tpserve_requests_finished" for s in m.samples if s.name.endswith("_total")}
+            assert finished == {(("reason", "replica_failed"), ("replica", "none")): 1.0}, finished
         finally:
             release.set()
             await router.close(0)
