@@ -100,13 +100,15 @@ CASES = [  # dtype, head_dim, q_heads, kv_heads, window
 
 
 @pytest.mark.parametrize("dtype,d,hq,hkv,window", CASES)
-@pytest.mark.parametrize("bs", [16, 5])  # 16-key chunks that match blocks, and that straddle them
+# 16-key chunks that match blocks, that straddle them, and several to a block (windows start mid-block)
+@pytest.mark.parametrize("bs", [16, 5, 48])
 def test_kernel_matches_reference(dtype, d, hq, hkv, window, bs, kern):
-    num_blocks, n = 160 * 16 // bs, 7
-    rng = random.Random(d * 31 + hq)
-    k, v = _random_cache(num_blocks, bs, hkv, d, dtype, seed=d + hq)
+    n = 7
     lens = torch.tensor([1, 2, 15, 16, 17, 100, 255][:n], dtype=torch.int64)
     max_blocks = -(-int(lens.max()) // bs) + 2  # padding columns the kernel must not read
+    num_blocks = max(160 * 16 // bs, n * max_blocks)
+    rng = random.Random(d * 31 + hq)
+    k, v = _random_cache(num_blocks, bs, hkv, d, dtype, seed=d + hq)
     ids = list(range(num_blocks))
     rng.shuffle(ids)  # blocks scattered over the cache, in no order
     tables = torch.tensor([ids[j * max_blocks:(j + 1) * max_blocks] for j in range(n)], dtype=torch.int64)

@@ -181,6 +181,10 @@ inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t 
                        const T** rows) {
   int64_t b = t0 / bs, r = t0 % bs;
   const T* block = head + table[b] * bs * d;
+  if (r + 16 <= bs) {  // the whole chunk in one block (with 16-token blocks: every chunk from 0)
+    for (int j = 0; j < 16; ++j) rows[j] = block + (r + (j < n ? j : 0)) * d;
+    return;
+  }
   for (int j = 0; j < n; ++j) {
     rows[j] = block + r * d;
     if (++r == bs && j + 1 < n) {
