@@ -7,9 +7,9 @@
 
 Every series is labelled by ``replica`` (the replica id), except error statuses, most of which
 happen before a request has a replica. A request that ended before any replica took it (it waited
-while every replica was being rebuilt) is counted under ``replica="none"``. Gauges of engine state (running, waiting, KV-cache use) come from each
-replica's stats, refreshed about once a second by the router; counters and histograms are updated
-as outputs arrive.
+while every replica was being rebuilt) is counted under ``replica="none"``. Gauges of engine
+state (running, waiting, KV-cache use) come from each replica's stats, refreshed about once a
+second by the router; counters and histograms are updated as outputs arrive.
 
     tpserve_requests_running{replica}            sequences in the replica's running batch
     tpserve_requests_waiting{replica}            sequences queued in the replica's engine

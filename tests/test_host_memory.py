@@ -16,6 +16,8 @@ import pytest
 from worker import host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
+GLIBC_LINUX = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                 reason="glibc only")
 
 # Prefills of fresh prompts and a few decodes on the default model; page faults of a second batch.
 CHILD = textwrap.dedent("""
@@ -49,7 +51,7 @@ def _page_faults(choice: str) -> tuple[bool, int]:
     return kept == "True", int(faults)
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@GLIBC_LINUX
 def test_an_engines_steps_reuse_freed_memory_without_page_faults(smollm2_dir):
     kept, faults_kept = _page_faults("keep")
     untouched, faults_system = _page_faults("system")
@@ -65,9 +67,6 @@ def test_a_bad_choice_names_the_variable(monkeypatch):
     with pytest.raises(ValueError, match="TPSERVE_MALLOC must be one of"):
         host_memory.choice()
 
-
-GLIBC_LINUX = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                 reason="glibc only")
 
 
 def _thp_mode() -> str | None:
