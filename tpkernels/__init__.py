@@ -19,6 +19,9 @@ the step's `Batch` carries to every layer.
 Matrix products on CPU run on oneDNN with each weight packed once into its blocked layout
 (`gemm.pack`, see `tpkernels.gemm`), for every size of input: on the CPU measured (AMD Zen 5) it beat
 both MKL's BLAS and our own matrix-vector kernel from a handful of rows up, and in bfloat16 everywhere.
+Inputs of 1 to `gemm.PACKED_GEMV_MAX_ROWS` rows skip oneDNN's per-call cost: our GEMV
+(`native.packed_gemv`) reads the packed weight itself, where the build has it (AVX-512; bfloat16:
+AVX512-BF16) and the weight's packed bytes are laid out as it reads them (`gemm.packed_as_gemv_reads`).
 Where oneDNN cannot take a weight (float16, a torch without oneDNN, ``TPSERVE_GEMM=blas``) the
 weight stays plain: up to `gemm.TINY_MAX_ROWS` rows our GEMV (`native.small_linear`) streams it,
 larger inputs go to `F.linear`. On CUDA every product is `F.linear`. The kernels sum in different
@@ -126,20 +129,26 @@ TORCH_OPS = TorchOps()
 
 
 class Matmul:
-    """y = x Wᵀ (+ b) on one weight: inputs of up to `gemm.TINY_MAX_ROWS` rows run `small`, larger
-    ones `large`; each one of "onednn" (the weight is packed) | "native" | "torch", decided by
-    `Kernels.matmul`."""
+    """y = x Wᵀ (+ b) on one weight: inputs of up to `small_rows` rows run `small`, larger ones
+    `large`; each one of "onednn" (the weight is packed) | "packed" (our GEMV on that packed weight)
+    | "native" (our GEMV on a plain weight) | "torch", decided by `Kernels.matmul`."""
 
-    __slots__ = ("weight", "bias", "small", "large")
+    __slots__ = ("weight", "bias", "small", "large", "small_rows", "address", "outputs")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, small: str, large: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, small: str, large: str,
+                 small_rows: int = gemm.TINY_MAX_ROWS):
         self.weight, self.bias = weight, bias
-        self.small, self.large = small, large
+        self.small, self.large, self.small_rows = small, large, small_rows
+        self.outputs = weight.shape[0]
+        self.address = gemm.packed_pointer(weight) if small == "packed" else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.small if x.shape[0] <= gemm.TINY_MAX_ROWS else self.large
+        kernel = self.small if x.shape[0] <= self.small_rows else self.large
         if kernel == "onednn":
             return gemm.onednn(x, self.weight, self.bias)
+        if kernel == "packed":
+            return native.packed_gemv(x if x.stride(-1) == 1 else x.contiguous(), self.address, self.outputs,
+                                      self.bias)
         if kernel == "native":
             return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -168,6 +177,9 @@ class Kernels:
         if weight.device.type == "cpu":
             packed = gemm.pack(weight)
             if packed is not None:
+                if (self.name == "native" and native.packed_gemv_supported(weight.dtype)
+                        and gemm.packed_as_gemv_reads(weight, packed)):
+                    return Matmul(packed, bias, "packed", "onednn", gemm.PACKED_GEMV_MAX_ROWS)
                 return Matmul(packed, bias, "onednn", "onednn")
         gemv = (self.name == "native" and weight.device.type == "cpu" and weight.dtype in native.SMALL_DTYPES
                 and weight.is_contiguous() and weight.numel() > 0)

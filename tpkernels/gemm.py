@@ -17,10 +17,19 @@ bfloat16 GEMV (`tpkernels.native.small_linear`) ran a single row at half the pac
 rows at a sixth of it. So one packed copy serves every size of input; the weight is not kept
 twice. ``TPSERVE_GEMM=blas`` keeps plain weights instead (BLAS, and our GEMV for up to
 `TINY_MAX_ROWS` rows), as does a torch built without oneDNN.
+
+Below a few rows a oneDNN call is mostly its fixed cost (~10 us, against 14-75 us of streaming for
+the default model's per-layer weights in bfloat16), so for 1 to `PACKED_GEMV_MAX_ROWS` rows our
+own GEMV (`native.packed_gemv`) reads the packed bytes where they lie. It knows one layout per
+dtype (`gemv_layout`); oneDNN's is its own business, so each weight is checked byte for byte at
+load (`packed_as_gemv_reads`) and stays on oneDNN where its bytes lie otherwise. On Zen 5 (two
+threads, the default model's 121 products, weights streamed from memory) it read 42-46 GB/s
+against oneDNN's 34-39 at one row (`x.sum()` reads 49-52).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -28,6 +37,8 @@ import torch
 GEMM_CHOICES = ("auto", "blas", "onednn")
 PACKABLE = (torch.float32, torch.bfloat16)
 TINY_MAX_ROWS = 8  # with plain weights, our GEMV runs up to here (the decode-sized inputs)
+PACKED_GEMV_MAX_ROWS = 4  # with packed weights, `native.packed_gemv` runs up to here
+BLOCK = 64  # outputs per block of the packed layouts `native.packed_gemv` reads
 PACK_ROWS = 64  # the batch size oneDNN is told to expect when packing (it made no difference)
 
 
@@ -56,3 +67,40 @@ def pack(w: torch.Tensor) -> torch.Tensor | None:
     except (RuntimeError, AttributeError):
         return None
     return packed
+
+
+def packed_pointer(packed: torch.Tensor) -> int:
+    """The address of a packed weight's bytes (it has no storage torch would hand out)."""
+    return torch.ops.mkldnn.data_ptr(packed)
+
+
+def gemv_layout(w: torch.Tensor) -> torch.Tensor:
+    """`w` (out, in) as `native.packed_gemv` reads it, outputs padded with zeros to blocks of 64:
+    float32 [out / 64][in][64], bfloat16 [out / 64][in / 2][64][2]."""
+    n, k = w.shape
+    blocks = -(-n // BLOCK)
+    padded = torch.zeros(blocks * BLOCK, k, dtype=w.dtype)
+    padded[:n] = w
+    if w.dtype == torch.bfloat16:
+        return padded.view(blocks, BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(blocks, BLOCK, k).permute(0, 2, 1).contiguous()
+
+
+def packed_as_gemv_reads(w: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether oneDNN packed `w` into exactly the bytes of `gemv_layout(w)`. oneDNN picks its
+    layout per CPU and per version; the packed GEMV is used only on weights where this holds,
+    checked byte for byte once, at load."""
+    n, k = w.shape
+    if n % 16 or (w.dtype == torch.bfloat16 and k % 2) or w.dtype not in PACKABLE:
+        return False
+    try:
+        nbytes = torch.ops.mkldnn._nbytes(packed)
+        address = packed_pointer(packed)
+    except (AttributeError, RuntimeError):  # a torch without these accessors
+        return False
+    expected = gemv_layout(w).view(-1)
+    if nbytes != expected.numel() * expected.element_size():
+        return False
+    ints = torch.int16 if w.dtype == torch.bfloat16 else torch.int32  # compared as bits: NaN == NaN
+    raw = torch.frombuffer((ctypes.c_byte * nbytes).from_address(address), dtype=ints)
+    return torch.equal(raw, expected.view(ints))
