@@ -294,7 +294,7 @@ def test_small_linear_matches_float64(m, k, n, bias, kern):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype):
+def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype, monkeypatch):
     """By default a CPU product holds its weight in oneDNN's layout, and no plain copy; inputs of
     every size take it and match a float64 product of the same (bf16-rounded) numbers."""
     from sharding.layers import Linear
@@ -304,6 +304,9 @@ def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype):
     lin = Linear(w, b)
     assert lin.large == "onednn" and lin.weight.is_mkldnn
     assert lin.small == ("packed" if _packed_gemv_here(w) else "onednn")
+    monkeypatch.setenv("TPSERVE_GEMM", "onednn")  # oneDNN for every size
+    assert Linear(w, b).small == "onednn"
+    monkeypatch.delenv("TPSERVE_GEMM")
     for rows in (1, 2, gemm.PACKED_GEMV_MAX_ROWS, gemm.PACKED_GEMV_MAX_ROWS + 1, gemm.TINY_MAX_ROWS + 1, 48, 200):
         x = torch.randn(rows, 64).to(dtype)
         ref = _f64_linear(x, w, b)

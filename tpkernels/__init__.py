@@ -177,7 +177,7 @@ class Kernels:
         if weight.device.type == "cpu":
             packed = gemm.pack(weight)
             if packed is not None:
-                if (self.name == "native" and native.packed_gemv_supported(weight.dtype)
+                if (self.name == "native" and gemm.choice() == "auto" and native.packed_gemv_supported(weight.dtype)
                         and gemm.packed_as_gemv_reads(weight, packed)):
                     return Matmul(packed, bias, "packed", "onednn", gemm.PACKED_GEMV_MAX_ROWS)
                 return Matmul(packed, bias, "onednn", "onednn")

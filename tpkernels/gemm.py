@@ -43,7 +43,9 @@ PACK_ROWS = 64  # the batch size oneDNN is told to expect when packing (it made 
 
 
 def choice() -> str:
-    """``TPSERVE_GEMM``: auto (oneDNN where it packs the weight), onednn, or blas."""
+    """``TPSERVE_GEMM``: auto (oneDNN where it packs the weight, our GEMV on the packed bytes for
+    1 to `PACKED_GEMV_MAX_ROWS` rows where it can read them), onednn (oneDNN for every size), or
+    blas (plain weights)."""
     value = os.environ.get("TPSERVE_GEMM", "auto")
     if value not in GEMM_CHOICES:
         raise ValueError(f"TPSERVE_GEMM must be one of {GEMM_CHOICES}, got {value!r}")
