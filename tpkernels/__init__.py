@@ -83,7 +83,8 @@ class TorchOps:
 
 class NativeOps:
     """`large`: the op set of steps above `native.DECODE_MAX_ROWS` tokens, whose silu·up is
-    torch's (vectorised exp; ours is a scalar exp per value, fine for a decode step's rows)."""
+    torch's: at 512 rows on two Zen 5 threads ours took 329 µs in bfloat16 against torch's 199
+    (its bfloat16 loads and rounding are plain vector code), though 139 against 208 in float32."""
 
     name = "native"
 
