@@ -319,11 +319,6 @@ def _packed_gemv_here(w: torch.Tensor) -> bool:
     return native.packed_gemv_supported(w.dtype) and gemm.packed_as_gemv_reads(w, gemm.pack(w))
 
 
-def _gemv_buffer(w: torch.Tensor) -> torch.Tensor:
-    """w in the packed GEMV's layout, in a buffer of our own (independent of oneDNN)."""
-    return gemm.gemv_layout(w)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k,bias", [(96, 64, True), (960, 576, False), (576, 1536, True), (16, 2, False)])
 def test_packed_gemv_matches_float64(dtype, n, k, bias, kern):
@@ -334,7 +329,7 @@ def test_packed_gemv_matches_float64(dtype, n, k, bias, kern):
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    buf = _gemv_buffer(w)
+    buf = gemm.gemv_layout(w)  # a buffer of our own: independent of oneDNN
     for m in range(1, gemm.PACKED_GEMV_MAX_ROWS + 1):
         x = torch.randn(m, k + 3, generator=g).to(dtype)[:, :k]  # rows k + 3 apart
         got = kern.packed_gemv(x, buf.data_ptr(), n, b)
@@ -351,7 +346,7 @@ def test_packed_gemv_refuses_what_it_cannot_read(kern):
     if not kern.packed_gemv_supported(torch.float32):
         pytest.skip(f"the {kern.isa} build has no packed GEMV")
     w = torch.randn(32, 64)
-    buf = _gemv_buffer(w)
+    buf = gemm.gemv_layout(w)  # a buffer of our own: independent of oneDNN
     assert kern.packed_gemv(torch.randn(0, 64), buf.data_ptr(), 32, None).shape == (0, 32)
     with pytest.raises(RuntimeError, match="at most 4 rows"):
         kern.packed_gemv(torch.randn(gemm.PACKED_GEMV_MAX_ROWS + 1, 64), buf.data_ptr(), 32, None)

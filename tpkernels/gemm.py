@@ -23,8 +23,9 @@ the default model's per-layer weights in bfloat16), so for 1 to `PACKED_GEMV_MAX
 own GEMV (`native.packed_gemv`) reads the packed bytes where they lie. It knows one layout per
 dtype (`gemv_layout`); oneDNN's is its own business, so each weight is checked byte for byte at
 load (`packed_as_gemv_reads`) and stays on oneDNN where its bytes lie otherwise. On Zen 5 (two
-threads, the default model's 121 products, weights streamed from memory) it read 42-46 GB/s
-against oneDNN's 34-39 at one row (`x.sum()` reads 49-52).
+threads, the default model's 121 products at one row, weights streamed from memory, both kernels
+alternating in one run while `x.sum()` read 83 GB/s) a pass took 4.1-4.2 ms against oneDNN's
+6.3-6.5 in bfloat16, 8.1-8.3 against 9.7-9.9 in float32.
 """
 
 from __future__ import annotations
