@@ -303,36 +303,39 @@ def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype, monk
     w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
     lin = Linear(w, b)
     assert lin.large == "onednn" and lin.weight.is_mkldnn
-    assert lin.small == ("packed" if _packed_gemv_here(w) else "onednn")
+    assert lin.small == ("packed" if _packed_gemm_here(w) else "onednn")
     monkeypatch.setenv("TPSERVE_GEMM", "onednn")  # oneDNN for every size
     assert Linear(w, b).small == "onednn"
     monkeypatch.delenv("TPSERVE_GEMM")
-    for rows in (1, 2, gemm.PACKED_GEMV_MAX_ROWS, gemm.PACKED_GEMV_MAX_ROWS + 1, gemm.TINY_MAX_ROWS + 1, 48, 200):
+    for rows in (1, 2, gemm.PACKED_GEMM_MAX_ROWS, gemm.PACKED_GEMM_MAX_ROWS + 1, gemm.TINY_MAX_ROWS + 1, 48, 200):
         x = torch.randn(rows, 64).to(dtype)
         ref = _f64_linear(x, w, b)
         tol = 2e-5 if dtype == torch.float32 else 2e-2 * ref.abs().max().item()
         assert (lin(x).double() - ref).abs().max().item() < tol, rows
 
 
-def _packed_gemv_here(w: torch.Tensor) -> bool:
-    """Whether this build has the packed GEMV for w's dtype and oneDNN packs w as it reads."""
-    return native.packed_gemv_supported(w.dtype) and gemm.packed_as_gemv_reads(w, gemm.pack(w))
+def _packed_gemm_here(w: torch.Tensor) -> bool:
+    """Whether this build has the packed GEMM for w's dtype and oneDNN packs w as it reads."""
+    return native.packed_gemm_supported(w.dtype) and gemm.packed_as_gemm_reads(w, gemm.pack(w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k,bias", [(96, 64, True), (960, 576, False), (576, 1536, True), (16, 2, False)])
-def test_packed_gemv_matches_float64(dtype, n, k, bias, kern):
-    """1 to 4 rows, rows of x strided apart, outputs not a whole number of 64-blocks, with and
-    without bias: against float64 on the same numbers. bfloat16 results are rounded once."""
-    if not kern.packed_gemv_supported(dtype):
-        pytest.skip(f"the {kern.isa} build has no packed GEMV for {dtype}")
+def test_packed_gemm_matches_float64(dtype, n, k, bias, kern):
+    """Row counts that fill the row tiles and ones that split them unevenly (up to past the
+    model's threshold), rows of x strided apart, outputs not a whole number of 64-blocks, with and
+    without bias: against float64 on the same numbers. bfloat16 results are rounded once. Each
+    row's sums run in the same order whatever rows come with it: the rows of a product equal the
+    products of those rows alone, bit for bit."""
+    if not kern.packed_gemm_supported(dtype):
+        pytest.skip(f"the {kern.isa} build has no packed GEMM for {dtype}")
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    buf = gemm.gemv_layout(w)  # a buffer of our own: independent of oneDNN
-    for m in range(1, gemm.PACKED_GEMV_MAX_ROWS + 1):
+    buf = gemm.packed_layout(w)  # a buffer of our own: independent of oneDNN
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 13, 48, gemm.PACKED_GEMM_MAX_ROWS + 3):
         x = torch.randn(m, k + 3, generator=g).to(dtype)[:, :k]  # rows k + 3 apart
-        got = kern.packed_gemv(x, buf.data_ptr(), n, b)
+        got = kern.packed_gemm(x, buf.data_ptr(), n, b)
         ref = _f64_linear(x, w, b)
         if dtype == torch.float32:
             tol = 4e-6 * k ** 0.5 * ref.abs().max().item() ** 0.5 + 1e-6
@@ -340,51 +343,51 @@ def test_packed_gemv_matches_float64(dtype, n, k, bias, kern):
             tol = 2 ** -8 * ref.abs().max().item() + 1e-3
         assert got.shape == (m, n) and got.dtype == dtype
         assert (got.double() - ref).abs().max().item() < tol, m
+        for i in {0, m // 2, m - 1}:
+            assert torch.equal(got[i], kern.packed_gemm(x[i:i + 1], buf.data_ptr(), n, b)[0]), (m, i)
 
 
-def test_packed_gemv_refuses_what_it_cannot_read(kern):
-    if not kern.packed_gemv_supported(torch.float32):
-        pytest.skip(f"the {kern.isa} build has no packed GEMV")
+def test_packed_gemm_refuses_what_it_cannot_read(kern):
+    if not kern.packed_gemm_supported(torch.float32):
+        pytest.skip(f"the {kern.isa} build has no packed GEMM")
     w = torch.randn(32, 64)
-    buf = gemm.gemv_layout(w)  # a buffer of our own: independent of oneDNN
-    assert kern.packed_gemv(torch.randn(0, 64), buf.data_ptr(), 32, None).shape == (0, 32)
-    with pytest.raises(RuntimeError, match="at most 4 rows"):
-        kern.packed_gemv(torch.randn(gemm.PACKED_GEMV_MAX_ROWS + 1, 64), buf.data_ptr(), 32, None)
+    buf = gemm.packed_layout(w)  # a buffer of our own: independent of oneDNN
+    assert kern.packed_gemm(torch.randn(0, 64), buf.data_ptr(), 32, None).shape == (0, 32)
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        kern.packed_gemv(torch.randn(1, 64), buf.data_ptr(), 24, None)
+        kern.packed_gemm(torch.randn(1, 64), buf.data_ptr(), 24, None)
     with pytest.raises(RuntimeError, match="no kernel for Double"):
-        kern.packed_gemv(torch.randn(1, 64).double(), buf.data_ptr(), 32, None)
+        kern.packed_gemm(torch.randn(1, 64).double(), buf.data_ptr(), 32, None)
     with pytest.raises(RuntimeError, match="bias"):
-        kern.packed_gemv(torch.randn(1, 64), buf.data_ptr(), 32, torch.zeros(32).double())
+        kern.packed_gemm(torch.randn(1, 64), buf.data_ptr(), 32, torch.zeros(32).double())
 
 
-def test_builds_without_avx512_have_no_packed_gemv():
+def test_builds_without_avx512_have_no_packed_gemm():
     for isa in native.isas_here():
         ops = native.variant(isa)
         if isa in ("x86-64-v2", "x86-64-v3"):
-            assert not ops.packed_gemv_supported(torch.float32)
-            assert not ops.packed_gemv_supported(torch.bfloat16)
+            assert not ops.packed_gemm_supported(torch.float32)
+            assert not ops.packed_gemm_supported(torch.bfloat16)
     flags = native._cpu_flags()
-    assert native.packed_gemv_supported(torch.float32) == ("avx512f" in flags)
-    assert native.packed_gemv_supported(torch.bfloat16) == ("avx512_bf16" in flags)
+    assert native.packed_gemm_supported(torch.float32) == ("avx512f" in flags)
+    assert native.packed_gemm_supported(torch.bfloat16) == ("avx512_bf16" in flags)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_layout_check_reads_onednn_bytes_and_holds_only_where_the_gemv_agrees(dtype):
-    """`packed_as_gemv_reads` compares oneDNN's packed bytes with our layout: where it holds, our
-    GEMV on oneDNN's own buffer gives oneDNN's products; shapes the GEMV cannot take, and a packed
+def test_the_layout_check_reads_onednn_bytes_and_holds_only_where_the_kernel_agrees(dtype):
+    """`packed_as_gemm_reads` compares oneDNN's packed bytes with our layout: where it holds, our
+    kernel on oneDNN's own buffer gives oneDNN's products; shapes the kernel cannot take, and a packed
     weight of other numbers, are refused."""
     torch.manual_seed(3)
     w = torch.randn(192, 576).to(dtype)
     packed = gemm.pack(w)
-    assert not gemm.packed_as_gemv_reads(torch.randn(90, 576).to(dtype), gemm.pack(torch.randn(90, 576).to(dtype)))
-    assert not gemm.packed_as_gemv_reads(w + 1, packed)  # the bytes are compared, not just the shape
-    if not gemm.packed_as_gemv_reads(w, packed):
+    assert not gemm.packed_as_gemm_reads(torch.randn(90, 576).to(dtype), gemm.pack(torch.randn(90, 576).to(dtype)))
+    assert not gemm.packed_as_gemm_reads(w + 1, packed)  # the bytes are compared, not just the shape
+    if not gemm.packed_as_gemm_reads(w, packed):
         pytest.skip("oneDNN packs this weight in another layout on this CPU")
-    if not native.packed_gemv_supported(dtype):
-        pytest.skip("this CPU has no packed GEMV for this dtype")
+    if not native.packed_gemm_supported(dtype):
+        pytest.skip("this CPU has no packed GEMM for this dtype")
     x = torch.randn(3, 576).to(dtype)
-    ours = native.packed_gemv(x, gemm.packed_pointer(packed), 192, None)
+    ours = native.packed_gemm(x, gemm.packed_pointer(packed), 192, None)
     theirs = gemm.onednn(x, packed, None)
     torch.testing.assert_close(ours, theirs, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-2)
 
@@ -415,8 +418,9 @@ def test_gemm_choice_is_checked_and_what_onednn_cannot_take_stays_plain(monkeypa
 
 def test_the_models_kernel_choice_decides_its_products(smollm2_dir, monkeypatch):
     """One decision: every projection and the LM head take the model's `Kernels`. Both kernel sets
-    pack every weight for oneDNN (torch's own); with plain weights (TPSERVE_GEMM=blas) only the
-    native set runs our GEMV, and a model built with kernels="torch" runs no native kernel."""
+    pack every weight for oneDNN (torch's own), and only the native set runs our kernel on it for
+    decode-sized inputs; with plain weights (TPSERVE_GEMM=blas) only the native set runs our GEMV,
+    and a model built with kernels="torch" runs no native kernel."""
     from sharding.arch import ModelConfig
     from sharding.group import TPGroup
     from sharding.plan import ShardingPlan
@@ -436,7 +440,7 @@ def test_the_models_kernel_choice_decides_its_products(smollm2_dir, monkeypatch)
         return {(p.small, p.large) for p in out}
 
     probe = torch.randn(576, 576)
-    assert products("native") == {("packed" if _packed_gemv_here(probe) else "onednn", "onednn")}
+    assert products("native") == {("packed" if _packed_gemm_here(probe) else "onednn", "onednn")}
     assert products("torch") == {("onednn", "onednn")}
     monkeypatch.setenv("TPSERVE_GEMM", "blas")
     assert products("native") == {("native", "torch")}
@@ -455,16 +459,16 @@ def test_each_size_class_runs_its_own_kernel(monkeypatch):
     from tpkernels import Matmul
 
     for name, module, attr in (("native", native, "small_linear"), ("onednn", gemm, "onednn"),
-                               ("torch", tpkernels.F, "linear"), ("packed", native, "packed_gemv")):
+                               ("torch", tpkernels.F, "linear"), ("packed", native, "packed_gemm")):
         monkeypatch.setattr(module, attr, lambda x, w, b, *_, name=name: (name, x.shape[0]))
     monkeypatch.setattr(gemm, "packed_pointer", lambda w: 1234)
     for small, large in (("native", "torch"), ("onednn", "native"), ("torch", "onednn")):
         m = Matmul(torch.zeros(96, 64), None, small=small, large=large)
         for rows, kernel in ((1, small), (gemm.TINY_MAX_ROWS, small), (gemm.TINY_MAX_ROWS + 1, large), (500, large)):
             assert m(torch.zeros(rows, 64)) == (kernel, rows)
-    m = Matmul(torch.zeros(96, 64), None, "packed", "onednn", gemm.PACKED_GEMV_MAX_ROWS)
+    m = Matmul(torch.zeros(96, 64), None, "packed", "onednn", gemm.PACKED_GEMM_MAX_ROWS)
     assert m.address == 1234 and m.outputs == 96
-    for rows, kernel in ((1, "packed"), (gemm.PACKED_GEMV_MAX_ROWS, "packed"), (gemm.PACKED_GEMV_MAX_ROWS + 1, "onednn")):
+    for rows, kernel in ((1, "packed"), (gemm.PACKED_GEMM_MAX_ROWS, "packed"), (gemm.PACKED_GEMM_MAX_ROWS + 1, "onednn")):
         assert m(torch.zeros(rows, 64)) == (kernel, rows)
 
 

@@ -13,7 +13,7 @@ from tp_harness import run_tp
 
 NEW_TOKENS = 32
 # Logits of this 30-layer model are of magnitude ~36. Our matrix products (oneDNN or BLAS for
-# prompts, whichever is faster on the CPU; our GEMV for decode steps) sum in other orders than
+# prompts, whichever is faster on the CPU; our own kernel for decode steps) sum in other orders than
 # transformers' BLAS calls, all in float32: 2e-4 is 5e-6 of the logits.
 TOLERANCE = 2e-4
 TEXTS = [

@@ -16,12 +16,13 @@ decode attention, that a kernel can do straight from the paged cache. Three sets
 `Kernels.select` makes the per-model choice; `Kernels.ops(tokens)` gives a step its set, which
 the step's `Batch` carries to every layer.
 
-Matrix products on CPU run on oneDNN with each weight packed once into its blocked layout
-(`gemm.pack`, see `tpkernels.gemm`), for every size of input: on the CPU measured (AMD Zen 5) it beat
-both MKL's BLAS and our own matrix-vector kernel from a handful of rows up, and in bfloat16 everywhere.
-Inputs of 1 to `gemm.PACKED_GEMV_MAX_ROWS` rows skip oneDNN's per-call cost: our GEMV
-(`native.packed_gemv`) reads the packed weight itself, where the build has it (AVX-512; bfloat16:
-AVX512-BF16) and the weight's packed bytes are laid out as it reads them (`gemm.packed_as_gemv_reads`).
+Matrix products on CPU keep each weight packed once into oneDNN's blocked layout (`gemm.pack`, see
+`tpkernels.gemm`): oneDNN on it beat both MKL's BLAS and our own plain-weight GEMV from a handful of
+rows up on the CPU measured (AMD Zen 5), and in bfloat16 everywhere. Prefill-sized inputs run on
+oneDNN. Decode-sized inputs, 1 to `gemm.PACKED_GEMM_MAX_ROWS` rows, run our own kernel on the packed
+weight instead (`native.packed_gemm`: no per-call set-up, each weight streamed once), where the build
+has it (AVX-512; bfloat16: AVX512-BF16) and the weight's packed bytes are laid out as it reads
+them (`gemm.packed_as_gemm_reads`).
 Where oneDNN cannot take a weight (float16, a torch without oneDNN, ``TPSERVE_GEMM=blas``) the
 weight stays plain: up to `gemm.TINY_MAX_ROWS` rows our GEMV (`native.small_linear`) streams it,
 larger inputs go to `F.linear`. On CUDA every product is `F.linear`. The kernels sum in different
@@ -131,7 +132,7 @@ TORCH_OPS = TorchOps()
 
 class Matmul:
     """y = x Wᵀ (+ b) on one weight: inputs of up to `small_rows` rows run `small`, larger ones
-    `large`; each one of "onednn" (the weight is packed) | "packed" (our GEMV on that packed weight)
+    `large`; each one of "onednn" (the weight is packed) | "packed" (our kernel on that packed weight)
     | "native" (our GEMV on a plain weight) | "torch", decided by `Kernels.matmul`."""
 
     __slots__ = ("weight", "bias", "small", "large", "small_rows", "address", "outputs")
@@ -148,7 +149,7 @@ class Matmul:
         if kernel == "onednn":
             return gemm.onednn(x, self.weight, self.bias)
         if kernel == "packed":
-            return native.packed_gemv(x if x.stride(-1) == 1 else x.contiguous(), self.address, self.outputs,
+            return native.packed_gemm(x if x.stride(-1) == 1 else x.contiguous(), self.address, self.outputs,
                                       self.bias)
         if kernel == "native":
             return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
@@ -174,13 +175,14 @@ class Kernels:
 
     def matmul(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Matmul:
         """The product with `weight` (out, in) (+ `bias`), its kernels chosen here: see the module.
-        oneDNN is torch's own, so the plain "torch" kernels take it too; only the GEMV is ours."""
+        oneDNN is torch's own, so the plain "torch" kernels take it too; only the "native" set runs
+        ours (`native.packed_gemm` on packed weights, the GEMV on plain ones)."""
         if weight.device.type == "cpu":
             packed = gemm.pack(weight)
             if packed is not None:
-                if (self.name == "native" and gemm.choice() == "auto" and native.packed_gemv_supported(weight.dtype)
-                        and gemm.packed_as_gemv_reads(weight, packed)):
-                    return Matmul(packed, bias, "packed", "onednn", gemm.PACKED_GEMV_MAX_ROWS)
+                if (self.name == "native" and gemm.choice() == "auto" and native.packed_gemm_supported(weight.dtype)
+                        and gemm.packed_as_gemm_reads(weight, packed)):
+                    return Matmul(packed, bias, "packed", "onednn", gemm.PACKED_GEMM_MAX_ROWS)
                 return Matmul(packed, bias, "onednn", "onednn")
         gemv = (self.name == "native" and weight.device.type == "cpu" and weight.dtype in native.SMALL_DTYPES
                 and weight.is_contiguous() and weight.numel() > 0)

@@ -18,14 +18,15 @@ rows at a sixth of it. So one packed copy serves every size of input; the weight
 twice. ``TPSERVE_GEMM=blas`` keeps plain weights instead (BLAS, and our GEMV for up to
 `TINY_MAX_ROWS` rows), as does a torch built without oneDNN.
 
-Below a few rows a oneDNN call is mostly its fixed cost (~10 us, against 14-75 us of streaming for
-the default model's per-layer weights in bfloat16), so for 1 to `PACKED_GEMV_MAX_ROWS` rows our
-own GEMV (`native.packed_gemv`) reads the packed bytes where they lie. It knows one layout per
-dtype (`gemv_layout`); oneDNN's is its own business, so each weight is checked byte for byte at
-load (`packed_as_gemv_reads`) and stays on oneDNN where its bytes lie otherwise. On Zen 5 (two
-threads, the default model's 121 products at one row, weights streamed from memory, both kernels
-alternating in one run while `x.sum()` read 83 GB/s) a pass took 4.1-4.2 ms against oneDNN's
-6.3-6.5 in bfloat16, 8.1-8.3 against 9.7-9.9 in float32.
+For decode-sized inputs (1 to `PACKED_GEMM_MAX_ROWS` rows) our own kernel (`native.packed_gemm`)
+reads the packed bytes where they lie: below a few rows a oneDNN call is mostly its fixed cost
+(~10 us, against 14-75 us of streaming for the default model's per-layer weights in bfloat16),
+and up to ~100 rows our kernel streams each weight once and runs on it from cache faster than
+oneDNN does (its header has the figures: on two Zen 5 cores, with the default model's products
+streamed from memory, oneDNN took 1.1-1.5x our time in bfloat16 from 1 to 128 rows, 1.0-1.3x
+in float32; at 512 rows 1.02x and 0.94x, so prefill-sized inputs stay on oneDNN). It knows one
+layout per dtype (`packed_layout`); oneDNN's is its own business, so each weight is checked
+byte for byte at load (`packed_as_gemm_reads`) and stays on oneDNN where its bytes lie otherwise.
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ import torch
 GEMM_CHOICES = ("auto", "blas", "onednn")
 PACKABLE = (torch.float32, torch.bfloat16)
 TINY_MAX_ROWS = 8  # with plain weights, our GEMV runs up to here (the decode-sized inputs)
-PACKED_GEMV_MAX_ROWS = 4  # with packed weights, `native.packed_gemv` runs up to here
-BLOCK = 64  # outputs per block of the packed layouts `native.packed_gemv` reads
+PACKED_GEMM_MAX_ROWS = 128  # with packed weights, `native.packed_gemm` runs up to here (decode steps)
+BLOCK = 64  # outputs per block of the packed layouts `native.packed_gemm` reads
 PACK_ROWS = 64  # the batch size oneDNN is told to expect when packing (it made no difference)
 
 
 def choice() -> str:
-    """``TPSERVE_GEMM``: auto (oneDNN where it packs the weight, our GEMV on the packed bytes for
-    1 to `PACKED_GEMV_MAX_ROWS` rows where it can read them), onednn (oneDNN for every size), or
+    """``TPSERVE_GEMM``: auto (oneDNN where it packs the weight, our kernel on the packed bytes for
+    1 to `PACKED_GEMM_MAX_ROWS` rows where it can read them), onednn (oneDNN for every size), or
     blas (plain weights)."""
     value = os.environ.get("TPSERVE_GEMM", "auto")
     if value not in GEMM_CHOICES:
@@ -77,8 +78,8 @@ def packed_pointer(packed: torch.Tensor) -> int:
     return torch.ops.mkldnn.data_ptr(packed)
 
 
-def gemv_layout(w: torch.Tensor) -> torch.Tensor:
-    """`w` (out, in) as `native.packed_gemv` reads it, outputs padded with zeros to blocks of 64:
+def packed_layout(w: torch.Tensor) -> torch.Tensor:
+    """`w` (out, in) as `native.packed_gemm` reads it, outputs padded with zeros to blocks of 64:
     float32 [out / 64][in][64], bfloat16 [out / 64][in / 2][64][2]."""
     n, k = w.shape
     blocks = -(-n // BLOCK)
@@ -89,9 +90,9 @@ def gemv_layout(w: torch.Tensor) -> torch.Tensor:
     return padded.view(blocks, BLOCK, k).permute(0, 2, 1).contiguous()
 
 
-def packed_as_gemv_reads(w: torch.Tensor, packed: torch.Tensor) -> bool:
-    """Whether oneDNN packed `w` into exactly the bytes of `gemv_layout(w)`. oneDNN picks its
-    layout per CPU and per version; the packed GEMV is used only on weights where this holds,
+def packed_as_gemm_reads(w: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether oneDNN packed `w` into exactly the bytes of `packed_layout(w)`. oneDNN picks its
+    layout per CPU and per version; `native.packed_gemm` is used only on weights where this holds,
     checked byte for byte once, at load."""
     n, k = w.shape
     if n % 16 or (w.dtype == torch.bfloat16 and k % 2) or w.dtype not in PACKABLE:
@@ -101,7 +102,7 @@ def packed_as_gemv_reads(w: torch.Tensor, packed: torch.Tensor) -> bool:
         address = packed_pointer(packed)
     except (AttributeError, RuntimeError):  # a torch without these accessors
         return False
-    expected = gemv_layout(w).view(-1)
+    expected = packed_layout(w).view(-1)
     if nbytes != expected.numel() * expected.element_size():
         return False
     ints = torch.int16 if w.dtype == torch.bfloat16 else torch.int32  # compared as bits: NaN == NaN

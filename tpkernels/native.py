@@ -207,15 +207,15 @@ class Ops:
         self._ns.small_linear(x, weight, bias, out)
         return out
 
-    def packed_gemv_supported(self, dtype: torch.dtype) -> bool:
-        """Whether this build has `packed_gemv` for `dtype` (float32: AVX-512; bfloat16: AVX512-BF16)."""
-        return bool(self._ns.packed_gemv_supported(dtype))
+    def packed_gemm_supported(self, dtype: torch.dtype) -> bool:
+        """Whether this build has `packed_gemm` for `dtype` (float32: AVX-512; bfloat16: AVX512-BF16)."""
+        return bool(self._ns.packed_gemm_supported(dtype))
 
-    def packed_gemv(self, x: torch.Tensor, address: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """x Wᵀ (+ b) for up to 4 rows of x (rows contiguous), W (n, in) read at `address` in the
-        layout of `gemm.gemv_layout` (oneDNN's packing where `gemm.packed_as_gemv_reads`)."""
+    def packed_gemm(self, x: torch.Tensor, address: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """x Wᵀ (+ b) for any number of rows of x (rows contiguous), W (n, in) read at `address` in the
+        layout of `gemm.packed_layout` (oneDNN's packing where `gemm.packed_as_gemm_reads`)."""
         out = x.new_empty((x.shape[0], n))
-        self._ns.packed_gemv(x, address, n, bias, out)
+        self._ns.packed_gemm(x, address, n, bias, out)
         return out
 
     def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -254,8 +254,8 @@ class Ops:
 _serving = Ops(ISA)  # what the model calls, once `available()` has loaded it
 paged_decode_attention = _serving.paged_decode_attention
 small_linear = _serving.small_linear
-packed_gemv = _serving.packed_gemv
-packed_gemv_supported = _serving.packed_gemv_supported
+packed_gemm = _serving.packed_gemm
+packed_gemm_supported = _serving.packed_gemm_supported
 add_rms_norm = _serving.add_rms_norm
 rope_ = _serving.rope_
 rope_and_cache_ = _serving.rope_and_cache_
