@@ -368,6 +368,9 @@ def test_builds_without_avx512_have_no_packed_gemm():
             assert not ops.packed_gemm_supported(torch.float32)
             assert not ops.packed_gemm_supported(torch.bfloat16)
     flags = native._cpu_flags()
+    for isa in native.isas_here():
+        lanes = native.variant(isa).vector_lanes()
+        assert lanes == {"x86-64-v2": 8, "x86-64-v3": 8, "x86-64-v4": 16}.get(isa, 16 if "avx512f" in flags else 8)
     assert native.packed_gemm_supported(torch.float32) == ("avx512f" in flags)
     assert native.packed_gemm_supported(torch.bfloat16) == ("avx512_bf16" in flags)
 
@@ -504,9 +507,10 @@ def test_rope_in_place_on_a_strided_view_matches_the_torch_formula(n, kern):
 
 
 @pytest.mark.parametrize("rows", [4, 300])  # one thread's rows, and rows split between threads
-def test_silu_mul_matches_float64(rows, kern):
+@pytest.mark.parametrize("f", [1536, 1547])  # whole vectors; 16-, 8-lane and scalar pieces
+def test_silu_mul_matches_float64(rows, f, kern):
     g = torch.Generator().manual_seed(3)
-    gu = torch.randn(rows, 2 * 1536 + 3, generator=g)[:, :2 * 1536] * 4  # rows strided, as a view gives them
+    gu = torch.randn(rows, 2 * f + 3, generator=g)[:, :2 * f] * 4  # rows strided, as a view gives them
     gu[0, :6] = torch.tensor([-200.0, -90.0, -87.5, 88.5, 95.0, 300.0])  # where e^-x leaves float range
     gate, up = gu.double().chunk(2, dim=-1)
     ref = gate * torch.sigmoid(gate) * up
@@ -607,9 +611,10 @@ def test_bf16_elementwise_operations_round_where_torch_rounds(rows, kern):
     kern.rope_(q, cos, sin)
     assert torch.equal(q, expect)
 
-    gu = (torch.randn(2, 2 * 1536, generator=g) * 4).bfloat16()
-    gate, up = gu.chunk(2, dim=-1)
-    assert _within_steps(kern.silu_mul(gu), torch.nn.functional.silu(gate) * up)
+    for f in (1536, 1547):  # whole vectors; 16-, 8-lane and scalar pieces
+        gu = (torch.randn(2, 2 * f, generator=g) * 4).bfloat16()
+        gate, up = gu.chunk(2, dim=-1)
+        assert _within_steps(kern.silu_mul(gu), torch.nn.functional.silu(gate) * up)
 
 
 def test_bf16_decode_steps_run_the_native_operations():
@@ -617,8 +622,9 @@ def test_bf16_decode_steps_run_the_native_operations():
 
     kernels = Kernels.select(torch.device("cpu"), torch.bfloat16)
     assert isinstance(kernels.ops(1), NativeOps) and kernels.ops(1).silu_mul is not TorchOps.silu_mul
-    large = kernels.ops(native.DECODE_MAX_ROWS + 1)  # ours, but torch's vectorised silu·up
-    assert isinstance(large, NativeOps) and large.silu_mul is TorchOps.silu_mul
+    large = kernels.ops(native.DECODE_MAX_ROWS + 1)  # ours; silu·up torch's unless ours has 16 lanes
+    assert isinstance(large, NativeOps)
+    assert (large.silu_mul is TorchOps.silu_mul) == (native.vector_lanes() < 16)
 
 
 def test_bf16_model_with_the_machines_attention_path_is_within_1_5x_transformers_own_error(tmp_path, gpu_check):

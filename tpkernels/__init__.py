@@ -83,14 +83,16 @@ class TorchOps:
 
 
 class NativeOps:
-    """`large`: the op set of steps above `native.DECODE_MAX_ROWS` tokens, whose silu·up is
-    torch's: at 512 rows on two Zen 5 threads ours took 329 µs in bfloat16 against torch's 199
-    (its bfloat16 loads and rounding are plain vector code), though 139 against 208 in float32."""
+    """`large`: the op set of steps above `native.DECODE_MAX_ROWS` tokens. Their silu·up is ours
+    where the build has its 16-lane path (AVX-512; bfloat16 rounded by AVX512-BF16 where present):
+    at 512 rows on two Zen 5 threads it took 140 µs in bfloat16 against torch's 194, 80 against
+    150 in float32. The 8-lane path took 320 against 190 in bfloat16, so without AVX-512 large
+    steps keep torch's."""
 
     name = "native"
 
     def __init__(self, large: bool = False):
-        if large:
+        if large and native.vector_lanes() < 16:
             self.silu_mul = TorchOps.silu_mul
 
     @staticmethod

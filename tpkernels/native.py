@@ -244,6 +244,10 @@ class Ops:
         self._ns.silu_mul(gate_up, out)
         return out
 
+    def vector_lanes(self) -> int:
+        """The float32 lanes of this build's widest vectors: 16 where it has the AVX-512 paths, else 8."""
+        return int(self._ns.vector_lanes())
+
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x.argmax(-1) for (rows, n) float32 or bfloat16 without NaN, rows contiguous: int64 (rows,)."""
         out = torch.empty(x.shape[0], dtype=torch.int64)
@@ -260,6 +264,7 @@ add_rms_norm = _serving.add_rms_norm
 rope_ = _serving.rope_
 rope_and_cache_ = _serving.rope_and_cache_
 silu_mul = _serving.silu_mul
+vector_lanes = _serving.vector_lanes
 argmax_rows = _serving.argmax_rows
 
 _variants: dict[str, Ops] = {}

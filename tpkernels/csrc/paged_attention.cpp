@@ -129,19 +129,8 @@ void blocked_weighted_sum(const float* scores, int64_t span, const T* vh, const 
 // 30 permutes, where summing each vector on its own would cost 16 x 4 shuffles and adds and 16
 // scalar stores). The weighted V sum keeps every query head's accumulators for C vectors of the
 // head in registers while each value row streams by once.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float loads and stores
-typedef int32_t i16v __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline v16 load16(const c10::BFloat16* p) {
-  const u16x16 h = *reinterpret_cast<const u16x16*>(p);
-  return (v16)(__builtin_convertvector(h, u32x16) << 16);
-}
+// (v16, load16, exp16: vec8.h)
 inline v16 splat16(float x) { return v16{} + x; }
-
-inline v16 exp16(v16 x) { return exp_lanes<v16, i16v>(x); }  // exp8, 16 lanes at once
 
 // x holds the partial sums of K keys, S = 16 / K lanes each; so does y. The result holds the 2K
 // keys, x's then y's, in S / 2 lanes each: every key's two halves added. Lane p of the result

@@ -1,6 +1,6 @@
-// 8-float vectors (GCC vector extensions) and the few operations on them that both kernel files
-// use: loads that widen bfloat16, and a vectorised e^x. -march=native maps them onto the widest
-// instructions the CPU has.
+// 8-float vectors (GCC vector extensions), and 16-float ones where the build has AVX-512, with the
+// few operations on them that both kernel files use: loads that widen bfloat16, and a vectorised
+// e^x. -march=native maps them onto the widest instructions the CPU has.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -45,5 +45,21 @@ inline V exp_lanes(V x) {
 }
 
 inline v8 exp8(v8 x) { return exp_lanes<v8, i8>(x); }
+
+#if defined(__AVX512F__)
+// The same at 16 lanes, for the AVX-512 paths.
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float loads and stores
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline v16 load16(const c10::BFloat16* p) {
+  const u16x16 h = *reinterpret_cast<const u16x16*>(p);
+  return (v16)(__builtin_convertvector(h, u32x16) << 16);
+}
+
+inline v16 exp16(v16 x) { return exp_lanes<v16, i16v>(x); }
+#endif
 
 }  // namespace
