@@ -49,10 +49,10 @@ constexpr int64_t STEP_BYTES = 256;  // packed bytes one k-step reads: a float32
 // Each tile fetches the k-steps i with i % every == phase, so the tiles share the block between
 // them and each line is fetched once.
 struct Ahead {
-  const char* next;  // the next block's first byte; nullptr: nothing to fetch
+  const char* next;  // the next block's first byte (used only by kernels told to fetch)
   int64_t due, every;
   inline void step(int64_t i) {
-    if (next && i == due) {
+    if (i == due) {
       for (int64_t l = 0; l < STEP_BYTES; l += 64) _mm_prefetch(next + i * STEP_BYTES + l, _MM_HINT_T1);
       due += every;
     }
@@ -128,9 +128,10 @@ inline void bf16_groups(const uint16_t* w, int64_t k, const uint16_t* x, int64_t
 }
 #endif
 
-// Calls fn.template operator()<M, C>(group, row, ahead) over this thread's groups [g0, g1), a
-// block's worth (up to four groups) at a time, and for each, over the m rows of x in tiles of up to
-// ROW_TILE rows starting at `row`. `base` is the packed buffer, `block_bytes` one block's size.
+// Calls fn.template operator()<M, C, Fetch>(group, row, ahead) over this thread's groups [g0, g1),
+// a block's worth (up to four groups) at a time, and for each, over the m rows of x in tiles of up
+// to ROW_TILE rows starting at `row`; Fetch says whether the kernel prefetches the next block
+// (`ahead`). `base` is the packed buffer, `block_bytes` one block's size.
 template <typename Fn>
 inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64_t block_bytes, Fn&& fn) {
   constexpr int64_t per_block = BLOCK / GROUP;
@@ -143,16 +144,23 @@ inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64
       const int64_t r0 = t * (m / tiles) + std::min(t, m % tiles), size = m / tiles + (t < m % tiles);
       // A single tile streams the block as the hardware prefetcher fetches it, with no prefetch
       // code in its loop: the check alone cost a batch-1 step ~8 % in bfloat16.
-      const Ahead ahead{tiles > 1 ? next : nullptr, t, tiles};
+      const bool fetch = tiles > 1 && next;
+      const Ahead ahead{next, t, tiles};
+      auto call = [&]<int M, int C>() {
+        if (fetch)
+          fn.template operator()<M, C, true>(g, r0, ahead);
+        else
+          fn.template operator()<M, C, false>(g, r0, ahead);
+      };
       auto rows = [&](auto cols) {
         constexpr int C = decltype(cols)::value;
         switch (size) {
-          case 1: fn.template operator()<1, C>(g, r0, ahead); break;
-          case 2: fn.template operator()<2, C>(g, r0, ahead); break;
-          case 3: fn.template operator()<3, C>(g, r0, ahead); break;
-          case 4: fn.template operator()<4, C>(g, r0, ahead); break;
-          case 5: fn.template operator()<5, C>(g, r0, ahead); break;
-          default: fn.template operator()<6, C>(g, r0, ahead); break;
+          case 1: call.template operator()<1, C>(); break;
+          case 2: call.template operator()<2, C>(); break;
+          case 3: call.template operator()<3, C>(); break;
+          case 4: call.template operator()<4, C>(); break;
+          case 5: call.template operator()<5, C>(); break;
+          default: call.template operator()<6, C>(); break;
         }
       };
       switch (c) {
@@ -206,12 +214,9 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C>(int64_t g, int64_t r, Ahead a) {
-        auto run = [&]<bool F>() {
-          f32_groups<M, C, F>(w + group_offset(g, k, 1), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
-                              op + r * os + g * GROUP, os, a);
-        };
-        if (a.next) run.template operator()<true>(); else run.template operator()<false>();
+      for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
+        f32_groups<M, C, F>(w + group_offset(g, k, 1), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
+                            op + r * os + g * GROUP, os, a);
       });
     });
     return;
@@ -223,12 +228,9 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr<c10::BFloat16>()) : nullptr;
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C>(int64_t g, int64_t r, Ahead a) {
-      auto run = [&]<bool F>() {
-        bf16_groups<M, C, F>(w + group_offset(g, k, 2), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
-                             op + r * os + g * GROUP, os, a);
-      };
-      if (a.next) run.template operator()<true>(); else run.template operator()<false>();
+    for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
+      bf16_groups<M, C, F>(w + group_offset(g, k, 2), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
+                           op + r * os + g * GROUP, os, a);
     });
   });
 #endif
