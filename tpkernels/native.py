@@ -244,6 +244,22 @@ class Ops:
         self._ns.silu_mul(gate_up, out)
         return out
 
+    def decode_stack_create(self, tensors: list[torch.Tensor | None], addresses: list[int], windows: list[int],
+                            sizes: list[int], eps: float, scale: float) -> torch.Tensor:
+        """A model's transformer blocks for `decode_stack_run` (csrc/decode_stack.cpp): per layer the
+        tensors [attn_norm, mlp_norm, k_cache, v_cache, qkv_bias, o_bias, in_bias, out_bias] (biases
+        may be None), the packed weights' addresses [qkv, o, in, out] and the sliding window (0:
+        none); sizes [hidden, q_heads, kv_heads, head_dim, ffn outputs (2 f)]. The returned
+        one-byte tensor owns the stack (and keeps the tensors alive)."""
+        return self._ns.decode_stack_create(tensors, addresses, windows, sizes, eps, scale)
+
+    def decode_stack_run(self, stack: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         slots: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block of `stack` on x (tokens, hidden), each token a decode row of the paged kernel:
+        (x, delta), the residual stream as the Python blocks leave it."""
+        return self._ns.decode_stack_run(stack, x, cos, sin, slots, block_tables, context_lens)
+
     def vector_lanes(self) -> int:
         """The float32 lanes of this build's widest vectors: 16 where it has the AVX-512 paths, else 8."""
         return int(self._ns.vector_lanes())
@@ -265,6 +281,8 @@ rope_ = _serving.rope_
 rope_and_cache_ = _serving.rope_and_cache_
 silu_mul = _serving.silu_mul
 vector_lanes = _serving.vector_lanes
+decode_stack_create = _serving.decode_stack_create
+decode_stack_run = _serving.decode_stack_run
 argmax_rows = _serving.argmax_rows
 
 _variants: dict[str, Ops] = {}
