@@ -92,10 +92,13 @@ class NativeOps:
     name = "native"
 
     def __init__(self, large: bool = False):
-        self.all_native = True  # every operation ours (`worker.model.DecodeStack` runs only those)
         if large and native.vector_lanes() < 16:
             self.silu_mul = TorchOps.silu_mul
-            self.all_native = False
+
+    @property
+    def all_native(self) -> bool:
+        """Every operation ours (`worker.model.DecodeStack` runs only those)."""
+        return self.silu_mul is not TorchOps.silu_mul
 
     @staticmethod
     def add_rms_norm(x, delta, weight, eps):

@@ -256,7 +256,7 @@ class Ops:
     def decode_stack_run(self, stack: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          slots: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every block of `stack` on x (tokens, hidden), each token a decode row of the paged kernel:
+        """Every block of `stack` on x (tokens, hidden), each token a row of the paged kernel:
         (x, delta), the residual stream as the Python blocks leave it."""
         return self._ns.decode_stack_run(stack, x, cos, sin, slots, block_tables, context_lens)
 

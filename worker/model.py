@@ -159,8 +159,9 @@ class DecodeStack:
 
     Built for one model and one KV cache where the model qualifies (`possible`): Llama-family blocks
     on one rank (no collective between blocks), the native kernels, every product on packed
-    weights (`native.packed_gemm`). A step qualifies (`serves`) when each of its tokens is a decode
-    row of the paged attention kernel and its op set is wholly native. ``TPSERVE_DECODE_STACK=0``
+    weights (`native.packed_gemm`). A step qualifies (`serves`) when each of its tokens, at most
+    128, is a row of the paged attention kernel (decodes, and prefill chunks the kernel takes a row
+    per token) and its op set is wholly native. ``TPSERVE_DECODE_STACK=0``
     turns it off: every step then runs the Python blocks."""
 
     def __init__(self, model: "Transformer", cache: KVCache):
