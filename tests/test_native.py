@@ -347,6 +347,43 @@ def test_packed_gemm_matches_float64(dtype, n, k, bias, kern):
             assert torch.equal(got[i], kern.packed_gemm(x[i:i + 1], buf.data_ptr(), n, b)[0]), (m, i)
 
 
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for the test; restores it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_work_handed_out_on_demand_covers_every_piece_once_at_any_thread_count(kern, threads):
+    """The packed GEMM and decode attention hand their pieces of work to whichever thread is free
+    (csrc/parallel.h): an attention of 40 sequences of unequal lengths (16 runs of items) and a
+    product of 64 blocks in 8 pieces, on one thread and on three, write every output, with the same
+    bits."""
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d, bs, n = 8, 4, 64, 16, 40
+    lens = torch.randint(1, 300, (n,), generator=g)
+    max_blocks = -(-300 // bs)
+    k, v = _random_cache(n * max_blocks, bs, hkv, d, torch.float32, seed=6)
+    tables = torch.randperm(n * max_blocks, generator=g).view(n, max_blocks)
+    q = torch.randn(n, hq, d, generator=g)
+    w = torch.randn(4096, 64, generator=g)
+    buf = gemm.packed_layout(w) if kern.packed_gemm_supported(torch.float32) else None
+    x = torch.randn(20, 64, generator=g)
+    results = []
+    for count in (1, 3):
+        threads(count)
+        out = torch.full((n, hq, d), float("nan"))
+        kern.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, None, out)
+        assert not out.isnan().any()
+        prod = kern.packed_gemm(x, buf.data_ptr(), 4096, None) if buf is not None else None
+        results.append((out, prod))
+    assert torch.equal(results[0][0], results[1][0])
+    if buf is not None:
+        assert torch.equal(results[0][1], results[1][1])
+        assert (results[0][1].double() - _f64_linear(x, w, None)).abs().max().item() < 1e-3
+
+
 def test_packed_gemm_refuses_what_it_cannot_read(kern):
     if not kern.packed_gemm_supported(torch.float32):
         pytest.skip(f"the {kern.isa} build has no packed GEMM")

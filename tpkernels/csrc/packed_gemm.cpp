@@ -12,8 +12,8 @@
 //   float32    [n / 64][k][64]         64 outputs side by side for each input index
 //   bfloat16   [n / 64][k / 2][64][2]  the same with input indices in pairs (`vdpbf16ps` order)
 //
-// Each 64-output block is four 16-output groups, one vector register each. Threads take
-// contiguous runs of groups, so both cores stream disjoint parts of W once. The rows of x go in
+// Each 64-output block is four 16-output groups, one vector register each. Threads claim runs of
+// whole blocks as they go (`parallel_pieces`), so the cores stream disjoint parts of W once. The rows of x go in
 // tiles of up to ROW_TILE: for each k-step the tile's rows are broadcast against the block's four
 // loaded vectors, 4 x ROW_TILE accumulators in registers; while the tiles after the first reread
 // the block from cache, the next block is fetched (`Ahead`). Sums are float32: bfloat16 products
@@ -32,6 +32,7 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include "library.h"
+#include "parallel.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -181,6 +182,15 @@ inline int64_t group_offset(int64_t g, int64_t k, int64_t pair) {
   return (g / groups_per_block) * BLOCK * k + (g % groups_per_block) * GROUP * pair;
 }
 
+// Groups per piece of work (parallel.h): whole blocks, about PIECES_PER_THREAD pieces a thread, so
+// a delayed thread's share is picked up by the others.
+constexpr int64_t PIECES_PER_THREAD = 4;
+inline int64_t piece_groups(int64_t groups) {
+  constexpr int64_t per_block = BLOCK / GROUP;
+  const int64_t blocks = (groups + per_block - 1) / per_block;
+  return per_block * std::max<int64_t>(1, blocks / (PIECES_PER_THREAD * at::get_num_threads()));
+}
+
 bool packed_gemm_supported(at::ScalarType dt) {
 #if defined(__AVX512BF16__)
   if (dt == at::kBFloat16) return true;
@@ -213,7 +223,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
     const float* xp = x.data_ptr<float>();
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    parallel_pieces(groups, piece_groups(groups), [&](int64_t g0, int64_t g1) {
       for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
         f32_groups<M, C, F>(w + group_offset(g, k, 1), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
                             op + r * os + g * GROUP, os, a);
@@ -227,7 +237,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr<c10::BFloat16>()) : nullptr;
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  parallel_pieces(groups, piece_groups(groups), [&](int64_t g0, int64_t g1) {
     for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
       bf16_groups<M, C, F>(w + group_offset(g, k, 2), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
                            op + r * os + g * GROUP, os, a);

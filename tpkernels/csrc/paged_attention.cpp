@@ -3,7 +3,8 @@
 // One query token per sequence. For sequence i and KV head h, the G = q_heads / kv_heads query
 // heads that share h are scored against every cached key of the sequence, block by block as its
 // block table lists them, then softmax-weighted V is summed. K and V are read once per (i, h),
-// which is what the step's attention costs at best: it is memory-bound.
+// which is what the step's attention costs at best: it is memory-bound. On AVX-512 they stream
+// side by side in one pass, the softmax taken online (`avx512_online`).
 //
 // Rows that see the same cached keys -- the rows of a prefill chunk, decodes that share a prompt
 // prefix -- are cut into tiles (`plan_tiles`), and on AVX-512 each tile reads its shared keys
@@ -20,6 +21,7 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 #include "library.h"
+#include "parallel.h"
 #include "vec8.h"
 
 #include <algorithm>
@@ -127,8 +129,7 @@ void blocked_weighted_sum(const float* scores, int64_t span, const T* vh, const 
 // Keys go 16 at a time: each of the 16 dot products with one query head leaves a vector of 16
 // partial sums, and `sum16` folds those 16 vectors into one vector of their 16 sums (15 adds and
 // 30 permutes, where summing each vector on its own would cost 16 x 4 shuffles and adds and 16
-// scalar stores). The weighted V sum keeps every query head's accumulators for C vectors of the
-// head in registers while each value row streams by once.
+// scalar stores).
 // (v16, load16, exp16: vec8.h)
 inline v16 splat16(float x) { return v16{} + x; }
 
@@ -153,16 +154,6 @@ inline v16 sum16(v16* a) {  // lane j of the result: the sum of a[j]'s 16 lanes
   return fold<8>(a[0], a[1], I);
 }
 
-// Keys ahead that the streaming loops prefetch: two 16-key chunks. One chunk (4 KB of float32
-// keys at head size 64) was too short a lead for memory's latency: 48 decodes of 600 unshared
-// keys went 2.1 -> 1.9 ms on a Zen 5 core at two chunks, and slowed again at four.
-constexpr int64_t AHEAD = 32;
-
-inline void prefetch_rows(const void* const* rows, int n, int64_t bytes) {
-  for (int j = 0; j < n; ++j)
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(rows[j]) + o);
-}
-
 // The cache rows of tokens t0 .. t0 + n - 1 (n <= 16) of one sequence and KV head; the rest of the
 // 16 point at the first one, so a short last chunk is computed whole and only n results are kept.
 template <typename T>
@@ -184,123 +175,126 @@ inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t 
   for (int j = n; j < 16; ++j) rows[j] = rows[0];
 }
 
-// The scores of G query heads against the cached tokens start .. start + span - 1 of one sequence
-// and KV head, 16 keys at a time: scores[g * span + t] = scale * the sum of the 16 lanes that
-// partial(g, j, rows) gives for key j of the chunk `rows` (prepare(rows) runs first, once per
-// chunk). Each key prefetches the matching row AHEAD keys on. Returns each head's maximum in
-// mx[g].
-template <int G, typename T, typename Prepare, typename Partial>
-inline void score_chunks(const T* kh, const int64_t* table, int64_t bs, int64_t d, int64_t start, int64_t span,
-                         float scale, float* scores, float* mx, Prepare&& prepare, Partial&& partial) {
-  const T* rows[16];
-  const T* next[16] = {};
-  v16 m[G];
-  for (int g = 0; g < G; ++g) m[g] = splat16(-std::numeric_limits<float>::infinity());
-  for (int64_t c = 0; c < span; c += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, span - c));
-    chunk_rows(kh, table, bs, d, start + c, n, rows);
-    const bool more = c + AHEAD < span;
-    if (more)
-      chunk_rows(kh, table, bs, d, start + c + AHEAD, static_cast<int>(std::min<int64_t>(16, span - c - AHEAD)), next);
-    prepare(static_cast<const T* const*>(rows));
-    for (int g = 0; g < G; ++g) {
-      v16 a[16];
-      for (int j = 0; j < 16; ++j) {
-        if (g == 0 && more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, d * sizeof(T));
-        a[j] = partial(g, j, static_cast<const T* const*>(rows));
-      }
-      v16 s = sum16(a) * scale;
-      if (n < 16)
-        for (int j = n; j < 16; ++j) s[j] = -std::numeric_limits<float>::infinity();
-      m[g] = m[g] > s ? m[g] : s;
-      if (n == 16) {
-        *reinterpret_cast<v16*>(scores + g * span + c) = s;
-      } else {
-        for (int j = 0; j < n; ++j) scores[g * span + c + j] = s[j];
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    mx[g] = m[g][0];
-    for (int l = 1; l < 16; ++l) mx[g] = std::max(mx[g], m[g][l]);
+// The keys and values of tokens t0 .. t1 - 1 of one sequence and KV head (K and V caches share a
+// layout, so one block-table walk serves both), every cache line of them prefetched.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_kv(const T* kh, const T* vh, const int64_t* table, int64_t bs,
+                                                       int64_t d, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1;) {
+    const int64_t b = t / bs, stop = std::min(t1, (b + 1) * bs);
+    const int64_t off = (table[b] * bs + t % bs) * d;
+    const char* k = reinterpret_cast<const char*>(kh + off);
+    const char* v = reinterpret_cast<const char*>(vh + off);
+    const int64_t bytes = (stop - t) * d * static_cast<int64_t>(sizeof(T));
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(k + o), __builtin_prefetch(v + o);
+    t = stop;
   }
 }
 
-// s[j] = e^(s[j] - mx) for j < span, 16 at a time; returns their sum (exp_shift_sum's AVX-512 twin).
-inline float exp16_shift_sum(float* s, int64_t span, float mx) {
-  v16 sum = {};
-  int64_t j = 0;
-  for (; j + 16 <= span; j += 16) {
-    const v16 e = exp16(load16(s + j) - mx);
-    *reinterpret_cast<v16*>(s + j) = e;
-    sum += e;
-  }
-  float tot = 0.f;
-  for (int l = 0; l < 16; ++l) tot += sum[l];
-  for (; j < span; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    tot += s[j];
-  }
-  return tot;
+// The lanes j >= n of v set to x.
+inline v16 mask_tail(v16 v, int n, float x) {
+  for (int j = n; j < 16; ++j) v[j] = x;
+  return v;
 }
 
+// The single-pass kernels below prefetch the next chunk's keys and values while they use this
+// one's. A longer lead was slower: a standalone copy of the float32 loop over 400 sequences of 435
+// keys in contiguous blocks, one Zen 5 core, took 14.7 ns a key one chunk ahead, 17.0 at four
+// chunks and 20.0 at sixteen.
+constexpr int64_t KV_AHEAD = 16;
+
+// The online softmax's running maximum is raised only when a score passes it by more than this
+// (natural log units), so most chunks skip the horizontal maximum and the accumulators' rescale:
+// probabilities stay at most e^8 relative to the maximum used, far inside float32's range, and the
+// final division cancels whatever maximum was used.
+constexpr float MAX_SLACK = 8.f;
+
+// Updates one query head's running maximum m, its lane sums l and accumulators a (N vectors) for a
+// chunk's scores s (lanes past the chunk's end already -inf) and returns the chunk's probabilities.
+template <int N, typename Acc>
+__attribute__((always_inline)) inline v16 online_update(v16 s, float& m, v16& l, Acc* a) {
+  const __m512 sv = reinterpret_cast<const __m512&>(s);
+  if (__builtin_expect(_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m + MAX_SLACK), _CMP_GT_OQ) != 0, 0)) {
+    const float top = _mm512_reduce_max_ps(sv);
+    const v16 cr = exp16(splat16(m - top));  // 0 at the first chunk (m = -inf)
+    for (int i = 0; i < N; ++i) a[i] = reinterpret_cast<const Acc&>(cr) * a[i];
+    l *= cr;
+    m = top;
+  }
+  return exp16(s - m);
+}
+
+// One pass over the keys and values together (online softmax): per 16-key chunk, the G heads'
+// scores, the running maximum and sums, then the chunk's value rows added in with their
+// probabilities. A two-pass kernel (all scores, then all values) read the keys and the values as
+// two streams one after the other; in the mixed workload's decode steps (one Zen 5 core, float32)
+// this one spent 6 % less time. The query heads' accumulators stay in registers throughout. Rows
+// of a chunk come from `chunk_rows`; `full` chunks skip the tail masking.
 template <int D, int G, typename T>
-void avx512_head(const float* qf, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t start,
-                 int64_t L, float* scores, float* acc, float* denom, float* mxo) {
+void avx512_online(const float* qf, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t start,
+                   int64_t L, float* acc, float* denom, float* mxo) {
   constexpr int V = D / 16;
   const int64_t span = L - start;
-  v16 q[G][V];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) q[g][i] = load16(qf + g * D + 16 * i);
-  float kbuf[std::is_same_v<T, float> ? 1 : 16 * D];  // bfloat16 keys widened once per chunk
-  const float* kr[16];
-  float mx[G];
-  score_chunks<G>(
-      kh, table, bs, D, start, span, 1.f, scores, mx,
-      [&](const T* const* rows) {
-        if constexpr (std::is_same_v<T, float>) {
-          for (int j = 0; j < 16; ++j) kr[j] = rows[j];
-        } else {
-          for (int j = 0; j < 16; ++j) {
-            for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(kbuf + j * D + 16 * i) = load16(rows[j] + 16 * i);
-            kr[j] = kbuf + j * D;
-          }
-        }
-      },
-      [&](int g, int j, const T* const*) {
-        v16 a = q[g][0] * load16(kr[j]);
-        for (int i = 1; i < V; ++i) a += q[g][i] * load16(kr[j] + 16 * i);
-        return a;
-      });
+  const float inf = std::numeric_limits<float>::infinity();
+  v16 q[G][V], a[G][V], lsum[G];
+  float m[G];
   for (int g = 0; g < G; ++g) {
-    denom[g] = exp16_shift_sum(scores + g * span, span, mx[g]);
-    mxo[g] = mx[g];
+    for (int i = 0; i < V; ++i) q[g][i] = load16(qf + g * D + 16 * i), a[g][i] = v16{};
+    lsum[g] = v16{};
+    m[g] = -inf;
   }
+  alignas(64) float p[G][16];
+  float kbuf[std::is_same_v<T, float> ? 1 : 16 * D];  // bfloat16 keys widened once per chunk
   const T* rows[16];
-  const T* next[16] = {};
-  // Accumulators: G x C vectors, C the most of the head's V vectors that keep them within 24
-  // registers.
-  constexpr int C = G * V <= 24 ? V : (G * (V / 2) <= 24 ? V / 2 : (V % 4 == 0 && G * (V / 4) <= 24 ? V / 4 : 1));
-  for (int c0 = 0; c0 < V; c0 += C) {
-    v16 a[G][C] = {};
-    for (int64_t c = 0; c < span; c += 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, span - c));
-      chunk_rows(vh, table, bs, D, start + c, n, rows);
-      const bool more = c + AHEAD < span && c0 == 0;
-      if (more)
-        chunk_rows(vh, table, bs, D, start + c + AHEAD, static_cast<int>(std::min<int64_t>(16, span - c - AHEAD)), next);
-      for (int j = 0; j < n; ++j) {
-        if (more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 1, D * sizeof(T));
-        v16 vv[C];
-        for (int i = 0; i < C; ++i) vv[i] = load16(rows[j] + 16 * (c0 + i));
-        for (int g = 0; g < G; ++g) {
-          const v16 p = splat16(scores[g * span + c + j]);
-          for (int i = 0; i < C; ++i) a[g][i] += p * vv[i];
-        }
+  const float* kr[16];
+  auto chunk = [&](int64_t c, int n, auto full) {
+    chunk_rows(kh, table, bs, D, start + c, n, rows);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int j = 0; j < 16; ++j) kr[j] = rows[j];
+    } else {
+      for (int j = 0; j < 16; ++j) {
+        for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(kbuf + j * D + 16 * i) = load16(rows[j] + 16 * i);
+        kr[j] = kbuf + j * D;
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < C; ++i) *reinterpret_cast<v16*>(acc + g * D + 16 * (c0 + i)) = a[g][i];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      // Each head reads the chunk's keys from L1 again: left to itself the compiler loads them once
+      // for all heads and spills the 16 x V vectors to the stack, which cost more.
+      __asm__ volatile("" ::: "memory");
+      v16 part[16];
+      for (int j = 0; j < 16; ++j) {
+        part[j] = q[g][0] * load16(kr[j]);
+        for (int i = 1; i < V; ++i) part[j] += q[g][i] * load16(kr[j] + 16 * i);
+      }
+      v16 s = sum16(part);
+      if constexpr (!decltype(full)::value) s = mask_tail(s, n, -inf);
+      v16 e = online_update<V>(s, m[g], lsum[g], a[g]);
+      if constexpr (!decltype(full)::value) e = mask_tail(e, n, 0.f);
+      lsum[g] += e;
+      *reinterpret_cast<v16*>(p[g]) = e;
+    }
+    for (int j = 0; j < (decltype(full)::value ? 16 : n); ++j) {
+      const T* vr = vh + (rows[j] - kh);
+      v16 vv[V];
+      for (int i = 0; i < V; ++i) vv[i] = load16(vr + 16 * i);
+      for (int g = 0; g < G; ++g) {
+        const v16 pj = splat16(p[g][j]);
+        for (int i = 0; i < V; ++i) a[g][i] += pj * vv[i];
+      }
+    }
+  };
+  prefetch_kv(kh, vh, table, bs, D, start, start + std::min(KV_AHEAD, span));
+  int64_t c = 0;
+  for (; c + 16 <= span; c += 16) {
+    if (c + KV_AHEAD < span) prefetch_kv(kh, vh, table, bs, D, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + 16));
+    chunk(c, 16, std::true_type{});
+  }
+  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
+  for (int g = 0; g < G; ++g) {
+    for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(acc + g * D + 16 * i) = a[g][i];
+    denom[g] = _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(lsum[g]));
+    mxo[g] = m[g];
   }
 }
 
@@ -403,82 +397,86 @@ void avx512_tile(const float* qt, int nq, const T* kh, const T* vh, const int64_
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 
+// avx512_online for bfloat16 caches with AVX512-BF16: q . k takes pairs of head dimensions per
+// `vdpbf16ps` (keys as stored, q as given, the scale applied to the sums), and the value rows go two
+// tokens per `vdpbf16ps`, interleaved word by word, against their probabilities rounded to bfloat16.
 template <int D, int G>
-void avx512bf16_head(const c10::BFloat16* q0, int64_t qs1, float sc, const c10::BFloat16* kh,
-                     const c10::BFloat16* vh, const int64_t* table, int64_t bs, int64_t start, int64_t L,
-                     float* scores, uint16_t* probs, float* acc, float* denom, float* mxo) {
+void avx512bf16_online(const c10::BFloat16* q0, int64_t qs1, float sc, const c10::BFloat16* kh,
+                       const c10::BFloat16* vh, const int64_t* table, int64_t bs, int64_t start, int64_t L,
+                       float* acc, float* denom, float* mxo) {
   using T = c10::BFloat16;
   constexpr int W = D / 32;  // 32-value groups of a head
   const int64_t span = L - start;
-  const int64_t stride = span + 1;  // probabilities per query head, padded to whole pairs
+  const float inf = std::numeric_limits<float>::infinity();
   __m512i q[G][W];
-  for (int g = 0; g < G; ++g)
+  __m512 a[G][2 * W];  // group w's unpacklo half at 2 w, unpackhi at 2 w + 1
+  v16 lsum[G];
+  float m[G];
+  for (int g = 0; g < G; ++g) {
     for (int i = 0; i < W; ++i) q[g][i] = load512(q0 + g * qs1 + 32 * i);
-  float mx[G];
-  score_chunks<G>(
-      kh, table, bs, D, start, span, sc, scores, mx, [](const T* const*) {},
-      [&](int g, int j, const T* const* rows) {
+    for (int i = 0; i < 2 * W; ++i) a[g][i] = _mm512_setzero_ps();
+    lsum[g] = v16{};
+    m[g] = -inf;
+  }
+  alignas(64) uint16_t pb[G][16];  // the chunk's probabilities, bfloat16 bits; 0 past its end
+  const T* rows[16];
+  auto chunk = [&](int64_t c, int n, auto full) {
+    chunk_rows(kh, table, bs, D, start + c, n, rows);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      __asm__ volatile("" ::: "memory");  // keys reloaded per head (see avx512_online)
+      v16 part[16];
+      for (int j = 0; j < 16; ++j) {
         __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[g][0]), as_bh(load512(rows[j])));
         for (int i = 1; i < W; ++i) t = _mm512_dpbf16_ps(t, as_bh(q[g][i]), as_bh(load512(rows[j] + 32 * i)));
-        return reinterpret_cast<v16&>(t);
-      });
-  for (int g = 0; g < G; ++g) {
-    float* s = scores + g * span;
-    uint16_t* pb = probs + g * stride;
-    denom[g] = exp16_shift_sum(s, span, mx[g]);
-    mxo[g] = mx[g];
-    int64_t j = 0;
-    for (; j + 16 <= span; j += 16) {  // the probabilities rounded to bfloat16 for the P.V product
-      const v16 e = load16(s + j);
+        part[j] = reinterpret_cast<v16&>(t);
+      }
+      v16 s = sum16(part) * sc;
+      if constexpr (!decltype(full)::value) s = mask_tail(s, n, -inf);
+      v16 e = online_update<2 * W>(s, m[g], lsum[g], a[g]);
+      if constexpr (!decltype(full)::value) e = mask_tail(e, n, 0.f);
+      lsum[g] += e;
       const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(e));
-      std::memcpy(pb + j, &h, 32);
+      std::memcpy(pb[g], &h, 32);
     }
-    for (; j < span; ++j) pb[j] = c10::BFloat16(s[j]).x;
-    pb[span] = 0;  // an odd last token's partner: probability 0
-  }
-  const T* rows[16];
-  const T* next[16] = {};
-  // Accumulator lane l of 32-value group w, half h (0: unpacklo, 1: unpackhi) holds value
-  // 32 w + 8 (l / 4) + 4 h + l % 4 of the head: the order `_mm512_unpack*_epi16` leaves.
-  constexpr int CW = [] { int c = W; while (c > 1 && (2 * G * c > 24 || W % c)) --c; return c; }();
-  for (int w0 = 0; w0 < W; w0 += CW) {
-    __m512 a[G][CW][2];
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < CW; ++i) a[g][i][0] = a[g][i][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < span; c += 16) {
-      const int n = static_cast<int>(std::min<int64_t>(16, span - c));
-      chunk_rows(vh, table, bs, D, start + c, n, rows);
-      const bool more = c + AHEAD < span && w0 == 0;
-      if (more)
-        chunk_rows(vh, table, bs, D, start + c + AHEAD, static_cast<int>(std::min<int64_t>(16, span - c - AHEAD)), next);
-      for (int j = 0; j < n; j += 2) {
-        if (more) prefetch_rows(reinterpret_cast<const void* const*>(next + j), 2, D * sizeof(T));
-        const T* r0 = rows[j];
-        const T* r1 = j + 1 < n ? rows[j + 1] : rows[j];
-        __m512i lo[CW], hi[CW];
-        for (int i = 0; i < CW; ++i) {
-          const __m512i x0 = load512(r0 + 32 * (w0 + i)), x1 = load512(r1 + 32 * (w0 + i));
-          lo[i] = _mm512_unpacklo_epi16(x0, x1);
-          hi[i] = _mm512_unpackhi_epi16(x0, x1);
-        }
-        for (int g = 0; g < G; ++g) {
-          uint32_t pp;
-          std::memcpy(&pp, probs + g * stride + c + j, 4);
-          const __m512bh p = as_bh(_mm512_set1_epi32(static_cast<int>(pp)));
-          for (int i = 0; i < CW; ++i) {
-            a[g][i][0] = _mm512_dpbf16_ps(a[g][i][0], as_bh(lo[i]), p);
-            a[g][i][1] = _mm512_dpbf16_ps(a[g][i][1], as_bh(hi[i]), p);
-          }
+    const int stop = decltype(full)::value ? 16 : n;
+    for (int j = 0; j < stop; j += 2) {
+      const T* r0 = vh + (rows[j] - kh);
+      const T* r1 = j + 1 < stop ? vh + (rows[j + 1] - kh) : r0;  // an odd last token's partner: probability 0
+      __m512i lo[W], hi[W];
+      for (int i = 0; i < W; ++i) {
+        const __m512i x0 = load512(r0 + 32 * i), x1 = load512(r1 + 32 * i);
+        lo[i] = _mm512_unpacklo_epi16(x0, x1);
+        hi[i] = _mm512_unpackhi_epi16(x0, x1);
+      }
+      for (int g = 0; g < G; ++g) {
+        uint32_t pp;
+        std::memcpy(&pp, pb[g] + j, 4);
+        const __m512bh pj = as_bh(_mm512_set1_epi32(static_cast<int>(pp)));
+        for (int i = 0; i < W; ++i) {
+          a[g][2 * i] = _mm512_dpbf16_ps(a[g][2 * i], as_bh(lo[i]), pj);
+          a[g][2 * i + 1] = _mm512_dpbf16_ps(a[g][2 * i + 1], as_bh(hi[i]), pj);
         }
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int i = 0; i < CW; ++i)
-        for (int h = 0; h < 2; ++h) {
-          alignas(64) float lanes[16];
-          _mm512_store_ps(lanes, a[g][i][h]);
-          for (int l = 0; l < 16; ++l) acc[g * D + 32 * (w0 + i) + 8 * (l / 4) + 4 * h + l % 4] = lanes[l];
-        }
+  };
+  prefetch_kv(kh, vh, table, bs, D, start, start + std::min(KV_AHEAD, span));
+  int64_t c = 0;
+  for (; c + 16 <= span; c += 16) {
+    if (c + KV_AHEAD < span) prefetch_kv(kh, vh, table, bs, D, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + 16));
+    chunk(c, 16, std::true_type{});
+  }
+  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
+  // Lane l of half h of group w holds value 32 w + 8 (l / 4) + 4 h + l % 4 (the unpack order).
+  for (int g = 0; g < G; ++g) {
+    for (int w = 0; w < W; ++w)
+      for (int h = 0; h < 2; ++h) {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, a[g][2 * w + h]);
+        for (int l = 0; l < 16; ++l) acc[g * D + 32 * w + 8 * (l / 4) + 4 * h + l % 4] = lanes[l];
+      }
+    denom[g] = _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(lsum[g]));
+    mxo[g] = m[g];
   }
 }
 
@@ -640,6 +638,8 @@ inline std::vector<Tile> plan_tiles(int64_t n, int64_t most, const int64_t* tp, 
   return tiles;
 }
 
+constexpr int64_t ITEM_RUNS_PER_THREAD = 8;
+
 template <int64_t D, typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& tables, const at::Tensor& lens, double scale, int64_t window,
@@ -670,7 +670,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 
   struct Scratch {
     std::vector<float> qf, acc, denom, mx, scores, qt, kbuf, vbuf, pbuf, tacc;
-    std::vector<uint16_t> probs;  // bfloat16 probabilities, AVX512-BF16 path
     std::vector<uint32_t> qt2, ppair;  // AVX512-BF16 tiles: bfloat16 pairs
 #if defined(__AVX512BF16__)
     std::vector<__m512i> vpair;
@@ -688,11 +687,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     const int64_t* table = tp + i * ts0;
 #if defined(__AVX512BF16__)
     if constexpr (D > 0 && D % 32 == 0 && std::is_same_v<T, c10::BFloat16>) {
-      w.probs.resize(G * (span + 1));
       if (with_group(G, [&](auto g) {
-            avx512bf16_head<D, decltype(g)::value>(qp + i * qs0 + h * G * qs1, qs1, sc, kh, vh, table, bs, start, L,
-                                                   w.scores.data(), w.probs.data(), w.acc.data(), w.denom.data(),
-                                                   w.mx.data());
+            avx512bf16_online<D, decltype(g)::value>(qp + i * qs0 + h * G * qs1, qs1, sc, kh, vh, table, bs, start, L,
+                                                     w.acc.data(), w.denom.data(), w.mx.data());
           }))
         return;
     }
@@ -703,8 +700,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 #if defined(__AVX512F__)
     if constexpr (D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>)) {
       if (with_group(G, [&](auto g) {
-            avx512_head<D, decltype(g)::value>(w.qf.data(), kh, vh, table, bs, start, L, w.scores.data(),
-                                               w.acc.data(), w.denom.data(), w.mx.data());
+            avx512_online<D, decltype(g)::value>(w.qf.data(), kh, vh, table, bs, start, L, w.acc.data(),
+                                                 w.denom.data(), w.mx.data());
           }))
         return;
     }
@@ -744,9 +741,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   };
 
   // Head-major order: the rows of one KV head run together, so keys they share stay in cache.
-  at::parallel_for(0, hkv * nt, 1, [&](int64_t begin, int64_t end) {
+  // Items claimed in small runs (parallel.h), about ITEM_RUNS_PER_THREAD a thread: their costs
+  // differ with the context lengths, and a claim costs a cache line passed between cores.
+  const int64_t items = hkv * nt;
+  parallel_claims(items, std::max<int64_t>(1, items / (ITEM_RUNS_PER_THREAD * at::get_num_threads())),
+                  [&](auto& claim) {
     Scratch w;
     w.qf.resize(G * d), w.acc.resize(G * d), w.denom.resize(G), w.mx.resize(G);
+    for (int64_t begin, end; claim(begin, end);)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / nt;
       const Tile& tile = tiles[item % nt];
