@@ -13,10 +13,10 @@
 //   bfloat16   [n / 64][k / 2][64][2]  the same with input indices in pairs (`vdpbf16ps` order)
 //
 // Each 64-output block is four 16-output groups, one vector register each. Threads claim runs of
-// whole blocks as they go (`parallel_pieces`), so the cores stream disjoint parts of W once. The rows of x go in
-// tiles of up to ROW_TILE: for each k-step the tile's rows are broadcast against the block's four
-// loaded vectors, 4 x ROW_TILE accumulators in registers; while the tiles after the first reread
-// the block from cache, the next block is fetched (`Ahead`). Sums are float32: bfloat16 products
+// whole blocks as they go (`parallel_pieces`), so the cores stream disjoint parts of W once. The
+// rows of x go in tiles of up to ROW_TILE: for each k-step the tile's rows are broadcast against
+// the block's four loaded vectors, 4 x ROW_TILE accumulators in registers; while the tiles after
+// the first reread the block from cache, the next block is fetched (`Ahead`). Sums are float32: bfloat16 products
 // over k in order, as oneDNN's own kernel takes them (at one row the results matched its bit for
 // bit), rounded to nearest even; float32 products in spans of k (`SPAN`). Each row's order is the
 // same whatever rows come with it, so a row's result does not depend on the step's other rows.
