@@ -60,9 +60,10 @@ def test_an_engines_steps_reuse_freed_memory_without_page_faults(smollm2_dir):
     kept, faults_kept = _page_faults("keep")
     untouched, faults_system = _page_faults("system")
     assert kept and not untouched
-    # glibc's defaults unmap and trim what each step frees: every step faults its pages in afresh
-    # (~380,000 faults for this batch on a Zen 5 machine)
-    assert faults_system > 50_000
+    # glibc's defaults unmap and trim what each step frees, so steps fault their pages in afresh:
+    # 32,000-384,000 faults for this batch over eight runs on a Zen 5 machine (how much glibc trims
+    # depends on which thread frees what, when)
+    assert faults_system > 10_000
     assert faults_kept < faults_system / 50, (faults_kept, faults_system)
 
 
