@@ -203,6 +203,23 @@ inline v16 mask_tail(v16 v, int n, float x) {
 // chunks and 20.0 at sixteen.
 constexpr int64_t KV_AHEAD = 16;
 
+// Calls chunk(c, n, full) for the 16-token chunks c = 0, 16, ... of tokens start .. start + span - 1
+// of one sequence and KV head (n tokens each, `full` a std::true_type for the whole ones and a
+// std::false_type for a short last one), prefetching each chunk's keys and values KV_AHEAD
+// tokens before it is used.
+template <typename T, typename Chunk>
+__attribute__((always_inline)) inline void stream_chunks(const T* kh, const T* vh, const int64_t* table, int64_t bs,
+                                                         int64_t d, int64_t start, int64_t span, Chunk&& chunk) {
+  prefetch_kv(kh, vh, table, bs, d, start, start + std::min(KV_AHEAD, span));
+  int64_t c = 0;
+  for (; c + 16 <= span; c += 16) {
+    if (c + KV_AHEAD < span)
+      prefetch_kv(kh, vh, table, bs, d, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + 16));
+    chunk(c, 16, std::true_type{});
+  }
+  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
+}
+
 // The online softmax's running maximum is raised only when a score passes it by more than this
 // (natural log units), so most chunks skip the horizontal maximum and the accumulators' rescale:
 // probabilities stay at most e^8 relative to the maximum used, far inside float32's range, and the
@@ -284,13 +301,7 @@ void avx512_online(const float* qf, const T* kh, const T* vh, const int64_t* tab
       }
     }
   };
-  prefetch_kv(kh, vh, table, bs, D, start, start + std::min(KV_AHEAD, span));
-  int64_t c = 0;
-  for (; c + 16 <= span; c += 16) {
-    if (c + KV_AHEAD < span) prefetch_kv(kh, vh, table, bs, D, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + 16));
-    chunk(c, 16, std::true_type{});
-  }
-  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
+  stream_chunks(kh, vh, table, bs, D, start, span, chunk);
   for (int g = 0; g < G; ++g) {
     for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(acc + g * D + 16 * i) = a[g][i];
     denom[g] = _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(lsum[g]));
@@ -460,13 +471,7 @@ void avx512bf16_online(const c10::BFloat16* q0, int64_t qs1, float sc, const c10
       }
     }
   };
-  prefetch_kv(kh, vh, table, bs, D, start, start + std::min(KV_AHEAD, span));
-  int64_t c = 0;
-  for (; c + 16 <= span; c += 16) {
-    if (c + KV_AHEAD < span) prefetch_kv(kh, vh, table, bs, D, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + 16));
-    chunk(c, 16, std::true_type{});
-  }
-  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
+  stream_chunks(kh, vh, table, bs, D, start, span, chunk);
   // Lane l of half h of group w holds value 32 w + 8 (l / 4) + 4 h + l % 4 (the unpack order).
   for (int g = 0; g < G; ++g) {
     for (int w = 0; w < W; ++w)
@@ -681,7 +686,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   auto partial = [&](Scratch& w, int64_t i, int64_t h, int64_t start) {
     const int64_t L = lp[i];
     const int64_t span = L - start;
-    w.scores.resize(G * span + 16);
     const T* kh = kp + h * num_blocks * bs * d;
     const T* vh = vp + h * num_blocks * bs * d;
     const int64_t* table = tp + i * ts0;
@@ -706,6 +710,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         return;
     }
 #endif
+    w.scores.resize(G * span + 16);  // the paths below score all keys before the values
     float* scores = w.scores.data();
     float* acc = w.acc.data();
     // scores[g * span + (t - start)] = q_g . k_t
