@@ -154,17 +154,24 @@ inline v16 sum16(v16* a) {  // lane j of the result: the sum of a[j]'s 16 lanes
   return fold<8>(a[0], a[1], I);
 }
 
+// Where tokens t0 .. t0 + 15 lie in one block (with 16-token blocks: every chunk from 0), the
+// offset in elements of t0's cache row from its head's first block; -1 where they do not.
+inline int64_t block_run_offset(const int64_t* table, int64_t bs, int64_t d, int64_t t0) {
+  const int64_t r = t0 % bs;
+  return r + 16 <= bs ? (table[t0 / bs] * bs + r) * d : -1;
+}
+
 // The cache rows of tokens t0 .. t0 + n - 1 (n <= 16) of one sequence and KV head; the rest of the
 // 16 point at the first one, so a short last chunk is computed whole and only n results are kept.
 template <typename T>
 inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t d, int64_t t0, int n,
                        const T** rows) {
-  int64_t b = t0 / bs, r = t0 % bs;
-  const T* block = head + table[b] * bs * d;
-  if (r + 16 <= bs) {  // the whole chunk in one block (with 16-token blocks: every chunk from 0)
-    for (int j = 0; j < 16; ++j) rows[j] = block + (r + (j < n ? j : 0)) * d;
+  if (const int64_t off = block_run_offset(table, bs, d, t0); off >= 0) {
+    for (int j = 0; j < 16; ++j) rows[j] = head + off + (j < n ? j : 0) * d;
     return;
   }
+  int64_t b = t0 / bs, r = t0 % bs;
+  const T* block = head + table[b] * bs * d;
   for (int j = 0; j < n; ++j) {
     rows[j] = block + r * d;
     if (++r == bs && j + 1 < n) {
@@ -296,9 +303,8 @@ void avx512_online(const float* qf, const T* kh, const T* vh, const int64_t* tab
   };
   auto chunk = [&](int64_t c, int n, auto full) {
     if constexpr (std::is_same_v<T, float> && decltype(full)::value) {
-      const int64_t t0 = start + c;
-      if (t0 % bs + 16 <= bs) {  // the 16 rows side by side in one block: one address for all
-        const int64_t off = (table[t0 / bs] * bs + t0 % bs) * D;
+      // the 16 rows side by side in one block: one address for all
+      if (const int64_t off = block_run_offset(table, bs, D, start + c); off >= 0) {
         const float* k0 = kh + off;
         const float* v0 = vh + off;
         compute(n, full, [k0](int j) { return k0 + j * D; }, [v0](int j) { return v0 + j * D; });
