@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from cluster.config import DEFAULT_BLOCK_SIZE  # noqa: E402
 from sharding.arch import ModelConfig  # noqa: E402
 from sharding.group import TPGroup  # noqa: E402
 from sharding.plan import ShardingPlan  # noqa: E402
@@ -67,14 +68,17 @@ def _timed(fn) -> float:
 
 # -- ours -------------------------------------------------------------------------------------
 def make_engine(path, *, kv_tokens: int = 65536, max_batch: int = 64, step_tokens: int = 512,
-                dtype: str = "float32", device: str = "cpu", cuda_graphs: bool = False) -> Engine:
+                dtype: str = "float32", device: str = "cpu", cuda_graphs: bool = False,
+                block_size: int | None = None) -> Engine:
     """One rank's engine over the checkpoint at `path`, with no tokenizer (token ids in and out).
-    `cuda_graphs`: decode steps of up to `max_batch` sequences replay CUDA graphs."""
+    `cuda_graphs`: decode steps of up to `max_batch` sequences replay CUDA graphs. `block_size`:
+    None for a served replica's default on this device."""
     cfg = ModelConfig.from_dir(path)
     plan = ShardingPlan.build(cfg, 1)
-    blocks = -(-kv_tokens // 16)
+    block_size = block_size or DEFAULT_BLOCK_SIZE[device]
+    blocks = -(-kv_tokens // block_size)
     runner, _ = ModelRunner.load(path, cfg, plan.ranks[0], TPGroup.single(device), dtype=dtype,
-                                 num_blocks=blocks, block_size=16, max_positions=2048,
+                                 num_blocks=blocks, block_size=block_size, max_positions=2048,
                                  cuda_graphs_up_to=max_batch if cuda_graphs else 0)
     return Engine(runner, tokenizer=None, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size,
                   max_batch_size=max_batch, max_tokens_per_step=step_tokens,

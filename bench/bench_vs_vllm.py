@@ -146,6 +146,7 @@ def _group1():
 def _engine(job: dict, group, threads: int):
     import torch
 
+    from cluster.config import DEFAULT_BLOCK_SIZE
     from sharding.arch import ModelConfig
     from sharding.plan import ShardingPlan
     from worker.engine import Engine
@@ -154,9 +155,10 @@ def _engine(job: dict, group, threads: int):
     torch.set_num_threads(threads)
     cfg = ModelConfig.from_dir(job["model"])
     plan = ShardingPlan.build(cfg, group.world_size)
-    blocks = 65536 // 16
+    block_size = DEFAULT_BLOCK_SIZE["cpu"]  # as a served replica
+    blocks = 65536 // block_size
     runner, _ = ModelRunner.load(job["model"], cfg, plan.ranks[group.rank], group, dtype=job["dtype"],
-                                 num_blocks=blocks, block_size=16, max_positions=MAX_MODEL_LEN)
+                                 num_blocks=blocks, block_size=block_size, max_positions=MAX_MODEL_LEN)
     if group.rank != 0:
         return runner
     return Engine(runner, tokenizer=None, eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size,

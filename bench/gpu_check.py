@@ -400,8 +400,9 @@ class Checks:
                    for _ in range(n)]
         need = sum(len(p) + out_len for p in prompts)
         kv_tokens = max(need // 3, max(len(p) for p in prompts) + out_len + 32)
+        # 16-token blocks: a cache this small must still hold several sequences, so that they preempt
         eng = make_engine(self.path("llama"), kv_tokens=kv_tokens, max_batch=32, step_tokens=256,
-                          device=self.device, cuda_graphs=self.cuda)
+                          device=self.device, cuda_graphs=self.cuda, block_size=16)
 
         def params():
             return SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
@@ -567,7 +568,7 @@ def _forward_b1(engine, steps):
     table = list(range(-(-(32 + steps) // runner.block_size)))  # no sequence is live: any blocks do
     times = []
     for i in range(steps):
-        step = StepInput.build([([1 + i % 50], 32 + i, table)], 16)
+        step = StepInput.build([([1 + i % 50], 32 + i, table)], runner.block_size)
         sync(runner.model.device)
         t = time.perf_counter()
         out = runner.run(step)

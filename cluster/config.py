@@ -233,7 +233,10 @@ class EngineSettings:
     max_batch_size: int = _field(_positive_int, 64)  # sequences running at once
     max_tokens_per_step: int = _field(_positive_int, 512)  # prefill chunks + decodes
     max_model_len: int | None = _field(_optional(_positive_int), None)  # None = model's positions
-    block_size: int = _field(_positive_int, 16)  # tokens per KV-cache block
+    # Tokens per KV-cache block. None: by device, 128 on CPU (vLLM's CPU default too: the CPU
+    # attention kernel reads each block's run of tokens from one place, and longer runs read
+    # faster; 16 -> 128 gave 3-5 % more float32 tok/s on one Zen 5 core), 16 on CUDA.
+    block_size: int | None = _field(_optional(_positive_int), None)
     kv_cache_tokens: int | None = _field(_optional(_positive_int), None)
     kv_cache_memory: int | None = _field(_optional(_memory_size), None)  # bytes per rank
     max_tokens_per_request: int | None = _field(_optional(_positive_int), None)  # None = max_model_len
@@ -244,13 +247,6 @@ class EngineSettings:
     cuda_graphs: str = _field(_one_of("auto", "on", "off"), "auto")
     # Full KV blocks are shared between requests whose tokens start alike (worker/kv_cache.py).
     prefix_caching: bool = _field(_flag, True)
-
-    @property
-    def kv_cache_blocks(self) -> int | None:
-        """kv_cache_tokens rounded up to whole blocks; None when the size is left to the engine."""
-        if self.kv_cache_tokens is None:
-            return None
-        return -(-self.kv_cache_tokens // self.block_size)
 
 
 @dataclass(frozen=True)
@@ -594,10 +590,15 @@ def resolve(cfg: DeploymentConfig, model: ModelConfig, *, cuda_available: bool) 
         _check_device(device)  # an explicit backend may not suit the type "auto" became
         engine = _resolve_graphs(_resolve_lengths(cfg.engine, model.max_positions), device,
                                  cfg.parallel.tensor_parallel_size)
+        if engine.block_size is None:
+            engine = dataclasses.replace(engine, block_size=DEFAULT_BLOCK_SIZE[device_type])
     except ConfigError as err:
         raise err.in_file(cfg.source) from None
     return dataclasses.replace(cfg, model=_resolve_dtype(cfg.model, device_type), device=device,
                                engine=engine)
+
+
+DEFAULT_BLOCK_SIZE = {"cpu": 128, "cuda": 16}  # engine.block_size when the config leaves it null
 
 
 def _resolve_dtype(m: ModelSettings, device_type: str) -> ModelSettings:

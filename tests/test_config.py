@@ -68,8 +68,8 @@ def test_defaults_apply_to_a_minimal_config():
     assert cfg.ray.namespace == "tpserve"
     assert (cfg.device.type, cfg.device.backend, cfg.device.threads_per_rank) == ("auto", "auto", 1)
     e = cfg.engine
-    assert (e.max_batch_size, e.max_tokens_per_step, e.block_size) == (64, 512, 16)
-    assert e.max_model_len is None and e.kv_cache_tokens is None and e.kv_cache_blocks is None
+    assert (e.max_batch_size, e.max_tokens_per_step, e.block_size) == (64, 512, None)  # by device
+    assert e.max_model_len is None and e.kv_cache_tokens is None
     assert e.collective_timeout_s == 30.0 and e.prefix_caching is True
     assert cfg.server.metrics_port is None and cfg.server.max_queued_requests == 256
 
@@ -135,8 +135,10 @@ def test_memory_sizes_and_kv_blocks():
     for text, size in sizes.items():
         assert parse_config({"model": {"path": "m"}, "engine": {"kv_cache_memory": text}}
                             ).engine.kv_cache_memory == size
-    cfg = parse_config({"model": {"path": "m"}, "engine": {"kv_cache_tokens": 33, "max_model_len": 20}})
-    assert cfg.engine.kv_cache_blocks == 3  # 33 tokens round up to 3 blocks of 16
+    cfg = parse_config({"model": {"path": "m"}, "engine": {"kv_cache_tokens": 33, "max_model_len": 20,
+                                                           "block_size": 16}})
+    from cluster.controller import kv_cache_blocks
+    assert kv_cache_blocks(cfg, tiny_model(), None) == 3  # 33 tokens round up to 3 blocks of 16
 
 
 def test_resolve_fills_every_auto():
@@ -147,6 +149,9 @@ def test_resolve_fills_every_auto():
     assert cpu.engine.max_model_len == 2048 and cpu.engine.max_tokens_per_request == 2048
     gpu = resolve(cfg, tiny_model(), cuda_available=True)
     assert (gpu.device.type, gpu.model.dtype, gpu.device.backend) == ("cuda", "bfloat16", "nccl")
+    assert (cpu.engine.block_size, gpu.engine.block_size) == (128, 16)  # null: by device
+    eight = parse_config({"model": {"path": "m"}, "engine": {"block_size": 8}})
+    assert resolve(eight, tiny_model(), cuda_available=False).engine.block_size == 8
     gloo = dataclasses.replace(cfg, device=dataclasses.replace(cfg.device, backend="gloo"))
     assert resolve(gloo, tiny_model(), cuda_available=False).device.backend == "gloo"
     # CUDA graphs: on for one-rank CUDA replicas, off elsewhere unless asked for

@@ -192,3 +192,15 @@ def test_abort_releases_shared_blocks(smollm2_dir, prompts):
     engine.abort("b")
     engine.step()
     assert engine.blocks.num_used == 0 and not engine.has_work
+
+
+def test_outputs_do_not_depend_on_the_block_size(smollm2_dir, prompts):
+    """128-token blocks (the CPU default of a served replica) against 16: the same tokens, greedy and
+    seeded, on prompts whose common start fills a 128-token block, so the cache is hit in both."""
+    long = [prompts[0] * 3 + p for p in prompts]
+    results = {}
+    for bs in (16, 128):
+        engine = make_engine(smollm2_dir, num_blocks=8192 // bs, block_size=bs, max_model_len=448)
+        results[bs] = _tokens(run(engine, _requests(long, "b")), "b")
+        assert engine.scheduler.prefix_hit_tokens >= 128 and engine.blocks.num_used == 0
+    assert results[16] == results[128]

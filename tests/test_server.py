@@ -113,7 +113,7 @@ def test_tokenize_detokenize_and_model_info(client, srv):
     info = client.model_info()
     assert (info.architecture, info.tensor_parallel_size, info.num_replicas) == ("LlamaForCausalLM", 2, 1)
     assert (info.dtype, info.device, info.vocab_size) == ("float32", "cpu", 49152)
-    assert list(info.eos_token_ids) == [2] and info.has_chat_template and info.kv_block_size == 16
+    assert list(info.eos_token_ids) == [2] and info.has_chat_template and info.kv_block_size == 128  # CPU default
     assert (info.limits.max_model_len, info.limits.max_batch_size, info.limits.max_waiting_requests) == (512, 64, 256)
     (replica,) = info.replicas
     assert replica.healthy and [r.rank for r in replica.ranks] == [0, 1]
