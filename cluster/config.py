@@ -235,7 +235,8 @@ class EngineSettings:
     max_model_len: int | None = _field(_optional(_positive_int), None)  # None = model's positions
     # Tokens per KV-cache block. None: by device, 128 on CPU (vLLM's CPU default too: the CPU
     # attention kernel reads each block's run of tokens from one place, and longer runs read
-    # faster; 16 -> 128 gave 3-5 % more float32 tok/s on one Zen 5 core), 16 on CUDA.
+    # faster from memory; 16 -> 128 gave 0-5 % more float32 tok/s on one Zen 5 core, more with
+    # longer contexts), 16 on CUDA. Prefixes are shared in whole blocks.
     block_size: int | None = _field(_optional(_positive_int), None)
     kv_cache_tokens: int | None = _field(_optional(_positive_int), None)
     kv_cache_memory: int | None = _field(_optional(_memory_size), None)  # bytes per rank
