@@ -331,9 +331,9 @@ void avx512_online(const float* qf, const T* kh, const T* vh, const int64_t* tab
 }
 
 // A tile's V sums keep each lane's accumulators (`vectors` registers a lane) in registers for a
-// block of lanes at a time: at most 6 lanes, and as many as fit beside one value row and a
-// broadcast probability.
-constexpr int lane_block_most(int vectors) { return std::min(6, (31 - vectors) / vectors); }
+// block of lanes at a time: at most 6 lanes, as many as fit beside one value row and a broadcast
+// probability, and at least one (wide heads spill, as they did before blocks).
+constexpr int lane_block_most(int vectors) { return std::max(1, std::min(6, (31 - vectors) / vectors)); }
 
 // Runs fn.template operator()<B>(q0) over blocks of B lanes starting at q0 that cover the nq lanes
 // exactly: the fewest blocks of at most Most lanes, as even as they go. 16 lanes of 4 vectors go
