@@ -16,7 +16,9 @@ and in bfloat16 the packed product reached 459 GFLOP/s at 16 rows and 540 at 512
 bfloat16 GEMV (`tpkernels.native.small_linear`) ran a single row at half the packed speed and 8
 rows at a sixth of it. So one packed copy serves every size of input; the weight is not kept
 twice. ``TPSERVE_GEMM=blas`` keeps plain weights instead (BLAS, and our GEMV for up to
-`TINY_MAX_ROWS` rows), as does a torch built without oneDNN.
+`TINY_MAX_ROWS` rows), as does a torch built without oneDNN, and so do bfloat16 weights on a CPU
+where oneDNN has no bfloat16 (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only Zen 3 has
+neither).
 
 For decode-sized inputs (1 to `PACKED_GEMM_MAX_ROWS` rows) our own kernel (`native.packed_gemm`)
 reads the packed bytes where they lie: below a few rows a oneDNN call is mostly its fixed cost
