@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    # the engines run in other working directories: `make bench-vllm` passes a relative path
+    args.vllm_python = os.path.abspath(args.vllm_python)
 
     from cluster.model_store import resolve_model
 

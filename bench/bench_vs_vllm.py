@@ -276,6 +276,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-ours", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # the engines run in other working directories: `make bench-vllm` passes a relative path
+    args.vllm_python = os.path.abspath(args.vllm_python)
     if args.run_ours:
         _ours_job(args.run_ours)
         return 0
