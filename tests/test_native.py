@@ -305,9 +305,9 @@ def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype, monk
     lin = Linear(w, b)
     if gemm.pack(w) is None:
         # oneDNN takes bfloat16 only with AVX512-BW/VL/DQ or AVX-NE-CONVERT: elsewhere the weight
-        # stays plain, our GEMV for decode-sized inputs and torch above
+        # stays plain, our GEMV for decode-sized inputs and a float32 product above
         assert dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        assert (lin.small, lin.large) == ("native", "torch") and not lin.weight.is_mkldnn
+        assert (lin.small, lin.large) == ("native", "widened") and not lin.weight.is_mkldnn
     else:
         assert lin.large == "onednn" and lin.weight.is_mkldnn
         assert lin.small == ("packed" if _packed_gemm_here(w) else "onednn")
@@ -499,6 +499,33 @@ def test_the_models_kernel_choice_decides_its_products(smollm2_dir, monkeypatch)
     assert Kernels.select(cpu, torch.float32, "native").matmul(w[:, ::2]).small == "torch"  # strided weight
 
 
+def test_bfloat16_without_onednn_support_is_computed_in_float32(monkeypatch):
+    """Where oneDNN has no bfloat16 (AVX2-only CPUs; forced here on any CPU), plain bfloat16
+    weights are multiplied in float32 above the GEMV's sizes (by both kernel sets), and the result
+    is the float64 product rounded once to bfloat16, give or take the rounding of float32 sums."""
+    from tpkernels import Kernels
+
+    monkeypatch.setenv("TPSERVE_GEMM", "blas")  # plain weights on any CPU
+    monkeypatch.setattr(gemm, "bf16_is_slow", lambda: True)
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(96, 64, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    fast = Kernels.select(cpu, torch.bfloat16, "torch").matmul(w, b)
+    assert (fast.small, fast.large) == ("widened", "widened")
+    assert Kernels.select(cpu, torch.float32, "torch").matmul(w.float()).large == "torch"
+    if native.available():
+        assert Kernels.select(cpu, torch.bfloat16, "native").matmul(w, b).large == "widened"
+    monkeypatch.setattr(gemm, "bf16_is_slow", lambda: False)
+    assert Kernels.select(cpu, torch.bfloat16, "torch").matmul(w, b).large == "torch"
+    for rows in (gemm.TINY_MAX_ROWS + 1, 48):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        got = fast(x)
+        assert got.dtype == torch.bfloat16
+        ref = _f64_linear(x, w, b)
+        # within half a bfloat16 ulp of the exact result, plus float32 rounding
+        assert ((got.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-4).all(), rows
+
+
 def test_each_size_class_runs_its_own_kernel(monkeypatch):
     """Inputs of up to `small_rows` rows (TINY_MAX_ROWS unless given) run `small`, larger ones
     `large` (the kernels replaced by ones that say who ran)."""
@@ -506,10 +533,11 @@ def test_each_size_class_runs_its_own_kernel(monkeypatch):
     from tpkernels import Matmul
 
     for name, module, attr in (("native", native, "small_linear"), ("onednn", gemm, "onednn"),
-                               ("torch", tpkernels.F, "linear"), ("packed", native, "packed_gemm")):
+                               ("torch", tpkernels.F, "linear"), ("packed", native, "packed_gemm"),
+                               ("widened", gemm, "widened")):
         monkeypatch.setattr(module, attr, lambda x, w, b, *_, name=name: (name, x.shape[0]))
     monkeypatch.setattr(gemm, "packed_pointer", lambda w: 1234)
-    for small, large in (("native", "torch"), ("onednn", "native"), ("torch", "onednn")):
+    for small, large in (("native", "torch"), ("onednn", "native"), ("torch", "onednn"), ("native", "widened")):
         m = Matmul(torch.zeros(96, 64), None, small=small, large=large)
         for rows, kernel in ((1, small), (gemm.TINY_MAX_ROWS, small), (gemm.TINY_MAX_ROWS + 1, large), (500, large)):
             assert m(torch.zeros(rows, 64)) == (kernel, rows)

@@ -140,7 +140,8 @@ TORCH_OPS = TorchOps()
 class Matmul:
     """y = x Wᵀ (+ b) on one weight: inputs of up to `small_rows` rows run `small`, larger ones
     `large`; each one of "onednn" (the weight is packed) | "packed" (our kernel on that packed weight)
-    | "native" (our GEMV on a plain weight) | "torch", decided by `Kernels.matmul`."""
+    | "native" (our GEMV on a plain weight) | "widened" (bfloat16 computed in float32, `gemm.widened`)
+    | "torch", decided by `Kernels.matmul`."""
 
     __slots__ = ("weight", "bias", "small", "large", "small_rows", "address", "outputs")
 
@@ -160,6 +161,8 @@ class Matmul:
                                       self.bias)
         if kernel == "native":
             return native.small_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight, self.bias)
+        if kernel == "widened":
+            return gemm.widened(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -193,7 +196,10 @@ class Kernels:
                 return Matmul(packed, bias, "onednn", "onednn")
         gemv = (self.name == "native" and weight.device.type == "cpu" and weight.dtype in native.SMALL_DTYPES
                 and weight.is_contiguous() and weight.numel() > 0)
-        return Matmul(weight, bias, "native" if gemv else "torch", "torch")
+        # bfloat16 where oneDNN has none (it did not pack the weight): torch's own product is slow
+        plain = ("widened" if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and gemm.bf16_is_slow()
+                 else "torch")
+        return Matmul(weight, bias, "native" if gemv else plain, plain)
 
     def ops(self, num_tokens: int):
         """The op set of a step of `num_tokens` tokens."""
