@@ -84,15 +84,16 @@ class TorchOps:
 
 class NativeOps:
     """`large`: the op set of steps above `native.DECODE_MAX_ROWS` tokens. Their silu·up is ours
-    where the build has its 16-lane path (AVX-512; bfloat16 rounded by AVX512-BF16 where present):
-    at 512 rows on two Zen 5 threads it took 140 µs in bfloat16 against torch's 194, 80 against
-    150 in float32. The 8-lane path took 320 against 190 in bfloat16, so without AVX-512 large
-    steps keep torch's."""
+    unless torch's own runs on wider vectors than our build: at 512 rows on two Zen 5 threads ours
+    took 140 µs in bfloat16 against torch's 194, 80 against 150 in float32, but an 8-lane build
+    there (``TPSERVE_NATIVE_ISA=x86-64-v3``) took 320 against torch's AVX-512 190. On an AVX2-only
+    Zen 3, where both have 8 lanes, ours took 340 µs against 836 in float32, 672 against 881 in
+    bfloat16 (512 rows, two threads)."""
 
     name = "native"
 
     def __init__(self, large: bool = False):
-        if large and native.vector_lanes() < 16:
+        if large and native.vector_lanes() < 16 and torch.backends.cpu.get_cpu_capability() == "AVX512":
             self.silu_mul = TorchOps.silu_mul
 
     @property
