@@ -21,8 +21,8 @@ Matrix products on CPU keep each weight packed once into oneDNN's blocked layout
 rows up on the CPU measured (AMD Zen 5), and in bfloat16 everywhere. Prefill-sized inputs run on
 oneDNN. Decode-sized inputs, 1 to `gemm.PACKED_GEMM_MAX_ROWS` rows, run our own kernel on the packed
 weight instead (`native.packed_gemm`: no per-call set-up, each weight streamed once), where the build
-has it (AVX-512; bfloat16: AVX512-BF16) and the weight's packed bytes are laid out as it reads
-them (`gemm.packed_as_gemm_reads`).
+has it (float32: AVX2 + FMA or AVX-512; bfloat16: AVX512-BF16) and the weight's packed bytes are laid
+out as it reads them (`gemm.packed_as_gemm_reads`).
 Where oneDNN cannot take a weight (float16, a torch without oneDNN, ``TPSERVE_GEMM=blas``) the
 weight stays plain: up to `gemm.TINY_MAX_ROWS` rows our GEMV (`native.small_linear`) streams it,
 larger inputs go to `F.linear`. On CUDA every product is `F.linear`. The kernels sum in different

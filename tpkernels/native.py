@@ -208,7 +208,8 @@ class Ops:
         return out
 
     def packed_gemm_supported(self, dtype: torch.dtype) -> bool:
-        """Whether this build has `packed_gemm` for `dtype` (float32: AVX-512; bfloat16: AVX512-BF16)."""
+        """Whether this build has `packed_gemm` for `dtype` (float32: AVX2 + FMA or AVX-512; bfloat16:
+        AVX512-BF16)."""
         return bool(self._ns.packed_gemm_supported(dtype))
 
     def packed_gemm(self, x: torch.Tensor, address: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:

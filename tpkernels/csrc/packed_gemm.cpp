@@ -12,7 +12,8 @@
 //   float32    [n / 64][k][64]         64 outputs side by side for each input index
 //   bfloat16   [n / 64][k / 2][64][2]  the same with input indices in pairs (`vdpbf16ps` order)
 //
-// Each 64-output block is four 16-output groups, one vector register each. Threads claim runs of
+// Each 64-output block is four 16-output groups, one vector register each (AVX-512; with AVX2,
+// float32 only, eight 8-output groups, see below). Threads claim runs of
 // whole blocks as they go (`parallel_pieces`), so the cores stream disjoint parts of W once. The
 // rows of x go in tiles of up to ROW_TILE: for each k-step the tile's rows are broadcast against
 // the block's four loaded vectors, 4 x ROW_TILE accumulators in registers; while the tiles after
@@ -25,7 +26,10 @@
 // products per step streamed from memory, alternating in one run (x.sum() read 47-51 GB/s),
 // oneDNN's time over ours: bfloat16 1.20 at 1 row, 1.10 at 8, 1.28 at 16, 1.49 at 32, 1.38 at 48,
 // 1.25 at 64, 1.12 at 128, 1.02 at 512; float32 1.06-1.13, 1.00, 1.14, 1.29, 1.25, 1.26, 1.02
-// and 0.94 at 512 rows (prefill steps stay on oneDNN: gemm.PACKED_GEMM_MAX_ROWS).
+// and 0.94 at 512 rows (prefill steps stay on oneDNN: gemm.PACKED_GEMM_MAX_ROWS). On an AVX2-only
+// Zen 3 (no AVX-512, x.sum() 13-17 GB/s), the same test in float32 on one core: 1.51 at 1 row,
+// 1.21 at 2, 1.02 at 4, 0.99 at 8, 1.08 at 16, 1.02 at 32, 0.96 at 64 and 128; on two: 1.69, 1.36,
+// 1.14, 1.15, 1.07, 0.94, 1.06, 0.90 (run to run, +-10 %). One row ran at the x.sum() speed.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,6 +41,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace {
 
@@ -65,6 +70,13 @@ struct Ahead {
 constexpr int64_t SPAN = 32;
 
 #if defined(__AVX512F__)
+#define TPSERVE_PACKED_F32 1
+// float32 with AVX-512: 16 outputs to a register, a block's four groups per pass.
+struct F32 {
+  static constexpr int64_t lanes = 16;
+  static constexpr int cols(int) { return 4; }
+};
+
 // acc[r][c] for rows r < M of x and groups c < C of one block, from the group `w` points at.
 template <int M, int C, bool Fetch>
 inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, const float* b, float* o,
@@ -93,6 +105,62 @@ inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, co
       __m512 v = acc[r][c];
       if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + c * GROUP));
       _mm512_storeu_ps(o + r * os + c * GROUP, v);
+    }
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TPSERVE_PACKED_F32 1
+// float32 with AVX2: 8 outputs to a register, and only 16 registers. A block's 8 groups are one
+// call; within it, each span of k runs over the groups a few at a time (`width`: M x width partial
+// sums in registers), the first pass fetching a span ahead the lines the others will read. So the
+// block is read front to back, a span (32 x 256 bytes) at a time. Without the fetch, 4 rows ran
+// 1.4x slower; as passes over whole columns of the block (64 of every 256 bytes, all of k), 1.5x.
+// The spans' sums wait in memory (`sums`): kept in registers next to the partial sums, they
+// spilled inside the loop (128 rows ran 1.5x slower).
+struct F32 {
+  static constexpr int64_t lanes = 8;
+  static constexpr int cols(int) { return 8; }
+};
+
+constexpr int64_t PREFETCH_STEPS = 32;  // how far ahead the first pass fetches for the others: one span
+
+template <int M, int C, bool Fetch>
+inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, const float* b, float* o,
+                       int64_t os, Ahead ahead) {
+  constexpr int64_t G = 8;
+  constexpr int width = M == 1 ? 8 : M <= 3 ? 4 : 2;
+  alignas(32) float sums[M][C][G] = {};
+  for (int64_t j0 = 0; j0 < k; j0 += SPAN) {
+    const int64_t j1 = std::min(k, j0 + SPAN);
+    auto pass = [&]<int C0, int W>() {  // groups [C0, C0 + W) over this span
+      __m256 part[M][W];
+      for (int r = 0; r < M; ++r)
+        for (int c = 0; c < W; ++c) part[r][c] = _mm256_setzero_ps();
+      const float* wj = w + j0 * BLOCK + C0 * G;
+      for (int64_t j = j0; j < j1; ++j, wj += BLOCK) {
+        if constexpr (Fetch && C0 == 0) ahead.step(j);
+        if constexpr (C0 == 0 && W < C)  // the lines the later passes read, a few spans ahead
+          for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(wj + PREFETCH_STEPS * BLOCK) + l * 64, _MM_HINT_T0);
+        __m256 wv[W];
+        for (int c = 0; c < W; ++c) wv[c] = _mm256_loadu_ps(wj + c * G);
+        for (int r = 0; r < M; ++r) {
+          const __m256 xv = _mm256_set1_ps(x[r * xs + j]);
+          for (int c = 0; c < W; ++c) part[r][c] = _mm256_fmadd_ps(wv[c], xv, part[r][c]);
+        }
+      }
+      for (int r = 0; r < M; ++r)
+        for (int c = 0; c < W; ++c)
+          _mm256_store_ps(sums[r][C0 + c], _mm256_add_ps(_mm256_load_ps(sums[r][C0 + c]), part[r][c]));
+    };
+    [&]<int... I>(std::integer_sequence<int, I...>) {
+      (pass.template operator()<I * width, std::min(width, C - I * width)>(), ...);
+    }(std::make_integer_sequence<int, (C + width - 1) / width>{});
+  }
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < C; ++c) {
+      __m256 v = _mm256_load_ps(sums[r][c]);
+      if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c * G));
+      _mm256_storeu_ps(o + r * os + c * G, v);
     }
 }
 #endif
@@ -129,16 +197,24 @@ inline void bf16_groups(const uint16_t* w, int64_t k, const uint16_t* x, int64_t
 }
 #endif
 
-// Calls fn.template operator()<M, C, Fetch>(group, row, ahead) over this thread's groups [g0, g1),
-// a block's worth (up to four groups) at a time, and for each, over the m rows of x in tiles of up
-// to ROW_TILE rows starting at `row`; Fetch says whether the kernel prefetches the next block
-// (`ahead`). `base` is the packed buffer, `block_bytes` one block's size.
-template <typename Fn>
+// The bfloat16 kernel's vectors (AVX512-BF16 only): 16 outputs, whole blocks per pass.
+struct BF16 {
+  static constexpr int64_t lanes = 16;
+  static constexpr int cols(int) { return 4; }
+};
+
+// Calls fn.template operator()<M, C, Fetch>(group, row, ahead) over this thread's groups [g0, g1)
+// of P::lanes outputs each, C groups of one block at a time (up to P::cols(rows)),
+// and for each, over the m rows of x in tiles of up to ROW_TILE rows starting at `row`; Fetch says
+// whether the kernel prefetches (`ahead`: from the end of this pass's groups, to the end of the
+// block after). `base` is the packed buffer, `block_bytes` one block's size.
+template <typename P, typename Fn>
 inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64_t block_bytes, Fn&& fn) {
-  constexpr int64_t per_block = BLOCK / GROUP;
+  constexpr int64_t per_block = BLOCK / P::lanes;
   const int64_t tiles = (m + ROW_TILE - 1) / ROW_TILE;
+  const int64_t width = P::cols(static_cast<int>(m / tiles + (m % tiles != 0)));  // for the biggest tile
   for (int64_t g = g0; g < g1;) {
-    const int64_t c = std::min<int64_t>(per_block - g % per_block, g1 - g);
+    const int64_t c = std::min({width, per_block - g % per_block, g1 - g});
     const char* next = g + c < g1 ? base + (g + c) / per_block * block_bytes : nullptr;
     for (int64_t t = 0; t < tiles; ++t) {
       // tiles as even as they go: 8 rows are 4 + 4, not 6 + 2
@@ -148,10 +224,13 @@ inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64
       const bool fetch = tiles > 1 && next;
       const Ahead ahead{next, t, tiles};
       auto call = [&]<int M, int C>() {
-        if (fetch)
-          fn.template operator()<M, C, true>(g, r0, ahead);
-        else
-          fn.template operator()<M, C, false>(g, r0, ahead);
+        // else unreachable: c <= width <= cols(size), and 8-lane groups come in pairs (n % 16 == 0)
+        if constexpr (C <= P::cols(M) && (P::lanes != 8 || C % 2 == 0)) {
+          if (fetch)
+            fn.template operator()<M, C, true>(g, r0, ahead);
+          else
+            fn.template operator()<M, C, false>(g, r0, ahead);
+        }
       };
       auto rows = [&](auto cols) {
         constexpr int C = decltype(cols)::value;
@@ -168,25 +247,29 @@ inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64
         case 1: rows(std::integral_constant<int, 1>{}); break;
         case 2: rows(std::integral_constant<int, 2>{}); break;
         case 3: rows(std::integral_constant<int, 3>{}); break;
-        default: rows(std::integral_constant<int, 4>{}); break;
+        case 4: rows(std::integral_constant<int, 4>{}); break;
+        case 5: rows(std::integral_constant<int, 5>{}); break;
+        case 6: rows(std::integral_constant<int, 6>{}); break;
+        case 7: rows(std::integral_constant<int, 7>{}); break;
+        default: rows(std::integral_constant<int, 8>{}); break;
       }
     }
     g += c;
   }
 }
 
-// The offset, in elements, of group g's first weight in the packed buffer (k inputs per block;
-// `pair` = 2 for bfloat16's interleaved pairs).
-inline int64_t group_offset(int64_t g, int64_t k, int64_t pair) {
-  const int64_t groups_per_block = BLOCK / GROUP;
-  return (g / groups_per_block) * BLOCK * k + (g % groups_per_block) * GROUP * pair;
+// The offset, in elements, of group g's first weight in the packed buffer (`lanes` outputs per
+// group, k inputs per block; `pair` = 2 for bfloat16's interleaved pairs).
+inline int64_t group_offset(int64_t g, int64_t lanes, int64_t k, int64_t pair) {
+  const int64_t groups_per_block = BLOCK / lanes;
+  return (g / groups_per_block) * BLOCK * k + (g % groups_per_block) * lanes * pair;
 }
 
 // Groups per piece of work (parallel.h): whole blocks, about PIECES_PER_THREAD pieces a thread, so
 // a delayed thread's share is picked up by the others.
 constexpr int64_t PIECES_PER_THREAD = 4;
-inline int64_t piece_groups(int64_t groups) {
-  constexpr int64_t per_block = BLOCK / GROUP;
+inline int64_t piece_groups(int64_t groups, int64_t lanes) {
+  const int64_t per_block = BLOCK / lanes;
   const int64_t blocks = (groups + per_block - 1) / per_block;
   return per_block * std::max<int64_t>(1, blocks / (PIECES_PER_THREAD * at::get_num_threads()));
 }
@@ -195,7 +278,7 @@ bool packed_gemm_supported(at::ScalarType dt) {
 #if defined(__AVX512BF16__)
   if (dt == at::kBFloat16) return true;
 #endif
-#if defined(__AVX512F__)
+#if defined(TPSERVE_PACKED_F32)
   if (dt == at::kFloat) return true;
 #endif
   return false;
@@ -207,7 +290,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
                  at::Tensor out) {
   const auto dt = x.scalar_type();
   TORCH_CHECK(packed_gemm_supported(dt), "packed_gemm: this build has no kernel for ", dt,
-              " (float32 needs AVX-512, bfloat16 AVX512-BF16)");
+              " (float32 needs AVX2 and FMA, bfloat16 AVX512-BF16)");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == n,
               "packed_gemm: x (m, k), out (m, n)");
   TORCH_CHECK(out.scalar_type() == dt && x.stride(1) == 1 && out.stride(1) == 1, "packed_gemm: rows contiguous, one dtype");
@@ -216,17 +299,19 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == dt && bias->is_contiguous() && bias->numel() == n, "packed_gemm: bias (n,)");
   if (m == 0) return;
-  const int64_t groups = n / GROUP, xs = x.stride(0), os = out.stride(0);
-#if defined(__AVX512F__)
+  const int64_t xs = x.stride(0), os = out.stride(0);
+#if defined(TPSERVE_PACKED_F32)
   if (dt == at::kFloat) {
+    constexpr int64_t G = F32::lanes;
+    const int64_t groups = n / G;
     const float* w = reinterpret_cast<const float*>(w_ptr);
     const float* xp = x.data_ptr<float>();
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
-    parallel_pieces(groups, piece_groups(groups), [&](int64_t g0, int64_t g1) {
-      for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
-        f32_groups<M, C, F>(w + group_offset(g, k, 1), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
-                            op + r * os + g * GROUP, os, a);
+    parallel_pieces(groups, piece_groups(groups, G), [&](int64_t g0, int64_t g1) {
+      for_tiles<F32>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
+        f32_groups<M, C, F>(w + group_offset(g, G, k, 1), k, xp + r * xs, xs, bp ? bp + g * G : nullptr,
+                            op + r * os + g * G, os, a);
       });
     });
     return;
@@ -237,9 +322,10 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr<c10::BFloat16>()) : nullptr;
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
-  parallel_pieces(groups, piece_groups(groups), [&](int64_t g0, int64_t g1) {
-    for_tiles(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
-      bf16_groups<M, C, F>(w + group_offset(g, k, 2), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
+  const int64_t groups = n / GROUP;
+  parallel_pieces(groups, piece_groups(groups, GROUP), [&](int64_t g0, int64_t g1) {
+    for_tiles<BF16>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
+      bf16_groups<M, C, F>(w + group_offset(g, GROUP, k, 2), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
                            op + r * os + g * GROUP, os, a);
     });
   });
