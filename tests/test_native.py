@@ -323,7 +323,7 @@ def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype, monk
 
 def _packed_gemm_here(w: torch.Tensor) -> bool:
     """Whether this build has the packed GEMM for w's dtype and oneDNN packs w as it reads."""
-    return native.packed_gemm_supported(w.dtype) and gemm.packed_as_gemm_reads(w, gemm.pack(w))
+    return native.available() and native.packed_gemm_supported(w.dtype) and gemm.packed_as_gemm_reads(w, gemm.pack(w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -433,7 +433,7 @@ def test_the_layout_check_reads_onednn_bytes_and_holds_only_where_the_kernel_agr
             break
     else:
         pytest.skip("oneDNN packs these weights in another layout on this CPU")
-    if not native.packed_gemm_supported(dtype):
+    if not (native.available() and native.packed_gemm_supported(dtype)):
         pytest.skip("this CPU has no packed GEMM for this dtype")
     x = torch.randn(3, 576).to(dtype)
     ours = native.packed_gemm(x, gemm.packed_pointer(packed), n, None)
