@@ -29,6 +29,9 @@ streamed from memory, oneDNN took 1.1-1.5x our time in bfloat16 from 1 to 128 ro
 in float32; at 512 rows 1.02x and 0.94x, so prefill-sized inputs stay on oneDNN). It knows one
 layout per dtype (`packed_layout`); oneDNN's is its own business, so each weight is checked
 byte for byte at load (`packed_as_gemm_reads`) and stays on oneDNN where its bytes lie otherwise.
+oneDNN 3 (torch 2.13) packs float32 in that layout with AVX2 too (all but 144-192 outputs, blocked
+by 16 there), so an AVX2-only CPU runs the kernel's 8-lane float32 path: on a Zen 3 core a batch-1
+step of the default model took 45 ms against 80 with oneDNN's products.
 """
 
 from __future__ import annotations
