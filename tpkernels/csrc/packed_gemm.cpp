@@ -206,8 +206,8 @@ struct BF16 {
 // Calls fn.template operator()<M, C, Fetch>(group, row, ahead) over this thread's groups [g0, g1)
 // of P::lanes outputs each, C groups of one block at a time (up to P::cols(rows)),
 // and for each, over the m rows of x in tiles of up to ROW_TILE rows starting at `row`; Fetch says
-// whether the kernel prefetches (`ahead`: from the end of this pass's groups, to the end of the
-// block after). `base` is the packed buffer, `block_bytes` one block's size.
+// whether the kernel prefetches the block that holds the group after this pass's (`ahead`).
+// `base` is the packed buffer, `block_bytes` one block's size.
 template <typename P, typename Fn>
 inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64_t block_bytes, Fn&& fn) {
   constexpr int64_t per_block = BLOCK / P::lanes;
