@@ -71,11 +71,7 @@ constexpr int64_t SPAN = 32;
 
 #if defined(__AVX512F__)
 #define TPSERVE_PACKED_F32 1
-// float32 with AVX-512: 16 outputs to a register, a block's four groups per pass.
-struct F32 {
-  static constexpr int64_t lanes = 16;
-  static constexpr int cols(int) { return 4; }
-};
+constexpr int64_t F32_LANES = 16;  // outputs per register: a block is four groups
 
 // acc[r][c] for rows r < M of x and groups c < C of one block, from the group `w` points at.
 template <int M, int C, bool Fetch>
@@ -117,17 +113,14 @@ inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, co
 // 1.4x slower; as passes over whole columns of the block (64 of every 256 bytes, all of k), 1.5x.
 // The spans' sums wait in memory (`sums`): kept in registers next to the partial sums, they
 // spilled inside the loop (128 rows ran 1.5x slower).
-struct F32 {
-  static constexpr int64_t lanes = 8;
-  static constexpr int cols(int) { return 8; }
-};
+constexpr int64_t F32_LANES = 8;  // outputs per register: a block is eight groups
 
 constexpr int64_t PREFETCH_STEPS = 32;  // how far ahead the first pass fetches for the others: one span
 
 template <int M, int C, bool Fetch>
 inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, const float* b, float* o,
                        int64_t os, Ahead ahead) {
-  constexpr int64_t G = 8;
+  constexpr int64_t G = F32_LANES;
   constexpr int width = M == 1 ? 8 : M <= 3 ? 4 : 2;
   alignas(32) float sums[M][C][G] = {};
   for (int64_t j0 = 0; j0 < k; j0 += SPAN) {
@@ -197,24 +190,17 @@ inline void bf16_groups(const uint16_t* w, int64_t k, const uint16_t* x, int64_t
 }
 #endif
 
-// The bfloat16 kernel's vectors (AVX512-BF16 only): 16 outputs, whole blocks per pass.
-struct BF16 {
-  static constexpr int64_t lanes = 16;
-  static constexpr int cols(int) { return 4; }
-};
-
 // Calls fn.template operator()<M, C, Fetch>(group, row, ahead) over this thread's groups [g0, g1)
-// of P::lanes outputs each, C groups of one block at a time (up to P::cols(rows)),
-// and for each, over the m rows of x in tiles of up to ROW_TILE rows starting at `row`; Fetch says
+// of Lanes outputs each, a block's worth (up to 64 / Lanes groups) at a time, and for each, over
+// the m rows of x in tiles of up to ROW_TILE rows starting at `row`; Fetch says
 // whether the kernel prefetches the block that holds the group after this pass's (`ahead`).
 // `base` is the packed buffer, `block_bytes` one block's size.
-template <typename P, typename Fn>
+template <int64_t Lanes, typename Fn>
 inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64_t block_bytes, Fn&& fn) {
-  constexpr int64_t per_block = BLOCK / P::lanes;
+  constexpr int64_t per_block = BLOCK / Lanes;
   const int64_t tiles = (m + ROW_TILE - 1) / ROW_TILE;
-  const int64_t width = P::cols(static_cast<int>(m / tiles + (m % tiles != 0)));  // for the biggest tile
   for (int64_t g = g0; g < g1;) {
-    const int64_t c = std::min({width, per_block - g % per_block, g1 - g});
+    const int64_t c = std::min(per_block - g % per_block, g1 - g);
     const char* next = g + c < g1 ? base + (g + c) / per_block * block_bytes : nullptr;
     for (int64_t t = 0; t < tiles; ++t) {
       // tiles as even as they go: 8 rows are 4 + 4, not 6 + 2
@@ -224,8 +210,8 @@ inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64
       const bool fetch = tiles > 1 && next;
       const Ahead ahead{next, t, tiles};
       auto call = [&]<int M, int C>() {
-        // else unreachable: c <= width <= cols(size), and 8-lane groups come in pairs (n % 16 == 0)
-        if constexpr (C <= P::cols(M) && (P::lanes != 8 || C % 2 == 0)) {
+        // else unreachable: c <= per_block, and 8-lane groups come in pairs (n % 16 == 0)
+        if constexpr (C <= per_block && (Lanes != 8 || C % 2 == 0)) {
           if (fetch)
             fn.template operator()<M, C, true>(g, r0, ahead);
           else
@@ -302,14 +288,14 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   const int64_t xs = x.stride(0), os = out.stride(0);
 #if defined(TPSERVE_PACKED_F32)
   if (dt == at::kFloat) {
-    constexpr int64_t G = F32::lanes;
+    constexpr int64_t G = F32_LANES;
     const int64_t groups = n / G;
     const float* w = reinterpret_cast<const float*>(w_ptr);
     const float* xp = x.data_ptr<float>();
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
     parallel_pieces(groups, piece_groups(groups, G), [&](int64_t g0, int64_t g1) {
-      for_tiles<F32>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
+      for_tiles<F32_LANES>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
         f32_groups<M, C, F>(w + group_offset(g, G, k, 1), k, xp + r * xs, xs, bp ? bp + g * G : nullptr,
                             op + r * os + g * G, os, a);
       });
@@ -324,7 +310,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   const int64_t groups = n / GROUP;
   parallel_pieces(groups, piece_groups(groups, GROUP), [&](int64_t g0, int64_t g1) {
-    for_tiles<BF16>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
+    for_tiles<GROUP>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
       bf16_groups<M, C, F>(w + group_offset(g, GROUP, k, 2), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
                            op + r * os + g * GROUP, os, a);
     });
