@@ -248,6 +248,12 @@ class EngineSettings:
     cuda_graphs: str = _field(_one_of("auto", "on", "off"), "auto")
     # Full KV blocks are shared between requests whose tokens start alike (worker/kv_cache.py).
     prefix_caching: bool = _field(_flag, True)
+    # When a CPU rank's KV cache pages are faulted in (worker/kv_cache.py, KVCache.populate).
+    # background: the replica is ready first, then a thread at nice 19 faults them in (zeroing
+    # them in torch.zeros took 1.3-3.5 s of a 2-core VM's ~23 s start-up); before_ready: all
+    # of them before the replica reports ready; on_use: only when a step first writes them, so
+    # the rank holds no more memory than it has used.
+    kv_cache_populate: str = _field(_one_of("background", "before_ready", "on_use"), "background")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class Controller:
         self.model_path = resolve_model(cfg.model.path)
         self.model = ModelConfig.from_dir(self.model_path)
         self._owns_ray = False
+        self._workers_environment: dict[str, str] = {}  # what an embedded Ray's workers start with
         if cuda_available is None:
             cuda_available = self._gpus_available(cfg)
         self.cfg = resolve(cfg, self.model, cuda_available=cuda_available)
@@ -129,6 +130,7 @@ class Controller:
             self.replicas = []
             if self._owns_ray and ray.is_initialized():
                 ray.shutdown()
+                self._workers_environment = {}
 
     def check(self) -> list[Replica]:
         """Refreshes each replica's health; a dead actor or a failed engine marks it unhealthy."""
@@ -176,8 +178,23 @@ class Controller:
         if r.address is None:
             # Ranks are the machine's main work: Ray's default would start them at nice 15.
             os.environ.setdefault("RAY_worker_niceness", "0")
-            ray.init(num_cpus=r.num_cpus, namespace=r.namespace, include_dashboard=False,
-                     log_to_driver=True)
+            # An embedded Ray's processes, and the workers it starts, take this process's
+            # environment: given the rank environment now, rank actors need no runtime_env and
+            # run in the workers Ray starts with it. A runtime_env makes Ray start a new worker
+            # process for each actor after them (2-4 s of a 2-core VM's start-up).
+            env = host_memory.rank_environment() if cfg.device.type == "cpu" else {}
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                ray.init(num_cpus=r.num_cpus, namespace=r.namespace, include_dashboard=False,
+                         log_to_driver=True)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            self._workers_environment = env
         else:
             ray.init(address=r.address, namespace=r.namespace)
         self._owns_ray = True  # this driver's connection (and an embedded Ray) ends with shutdown()
@@ -237,7 +254,7 @@ class Controller:
             max_tokens_per_step=e.max_tokens_per_step, max_model_len=e.max_model_len,
             collective_timeout_s=e.collective_timeout_s,
             cuda_graphs_up_to=e.max_batch_size if e.cuda_graphs == "on" else 0,
-            prefix_caching=e.prefix_caching,
+            prefix_caching=e.prefix_caching, kv_cache_populate=e.kv_cache_populate,
         )
         options = dict(
             num_cpus=d.cpus_per_rank,
@@ -245,10 +262,18 @@ class Controller:
             max_concurrency=16,  # poll, submit and health run beside the engine thread
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
         )
-        if d.type == "cpu" and (env := host_memory.rank_environment()):
-            # read by glibc when the process starts (huge pages): Ray starts a process for it
-            options["runtime_env"] = {"env_vars": env}
+        if (runtime_env := self._runtime_env()) is not None:
+            options["runtime_env"] = runtime_env
         return ray.remote(RankWorker).options(**options).remote(spec)
+
+    def _runtime_env(self) -> dict | None:
+        """The environment a rank's process must start with (read by glibc when the process
+        starts: huge pages) where Ray's workers do not have it already: Ray then starts a
+        process for it."""
+        env = host_memory.rank_environment() if self.cfg.device.type == "cpu" else {}
+        if env.items() <= self._workers_environment.items():
+            return None
+        return {"env_vars": env}
 
     def _backend(self, nodes: list[dict]) -> str:
         import torch

@@ -110,3 +110,32 @@ def test_two_replicas_on_different_nodes(ray_cluster, smollm2_dir, tp2):
         assert all(n > 0 for n in served), "both replicas ran steps"
     finally:
         llm.shutdown()
+
+
+def test_an_embedded_ray_starts_its_workers_with_the_rank_environment(monkeypatch, smollm2_dir):
+    """Ray's workers inherit an embedded Ray's environment: given the rank environment at
+    ray.init, the rank actors need no runtime_env, whose worker processes Ray would start anew."""
+    import os
+
+    import ray
+
+    from cluster.controller import Controller
+    from worker import host_memory
+
+    monkeypatch.delenv("TPSERVE_MALLOC", raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # the operator's, kept
+    env = host_memory.rank_environment()
+    if not env:
+        pytest.skip("no rank environment off glibc")
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(env=dict(os.environ), address=kw.get("address")))
+    embedded = Controller(config(smollm2_dir), cuda_available=False)
+    assert embedded._runtime_env() == {"env_vars": env}  # before Ray is up
+    embedded._connect_ray(embedded.cfg)
+    assert seen["address"] is None and seen["env"]["GLIBC_TUNABLES"] == env["GLIBC_TUNABLES"]
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # this process's own, restored
+    assert embedded._runtime_env() is None
+    joined = Controller(config(smollm2_dir, address="auto"), cuda_available=False)
+    joined._connect_ray(joined.cfg)  # a cluster started elsewhere: its workers do not have it
+    assert seen["address"] == "auto" and joined._runtime_env() == {"env_vars": env}

@@ -71,6 +71,7 @@ def test_defaults_apply_to_a_minimal_config():
     assert (e.max_batch_size, e.max_tokens_per_step, e.block_size) == (64, 512, None)  # by device
     assert e.max_model_len is None and e.kv_cache_tokens is None
     assert e.collective_timeout_s == 30.0 and e.prefix_caching is True
+    assert e.kv_cache_populate == "background"
     assert cfg.server.metrics_port is None and cfg.server.max_queued_requests == 256
 
 
@@ -218,6 +219,8 @@ BROKEN = {
     "both kv cache fields": ("model: {path: m}\nengine:\n  kv_cache_tokens: 4096\n"
                              "  kv_cache_memory: 2GiB\n", "engine.kv_cache_memory",
                              "got 2147483648"),
+    "bad kv_cache_populate": ("model: {path: m}\nengine:\n  kv_cache_populate: eager\n",
+                              "engine.kv_cache_populate", "got 'eager'"),
     "bad memory string": ("model: {path: m}\nengine:\n  kv_cache_memory: 2 gigs\n",
                           "engine.kv_cache_memory", "got '2 gigs'"),
     "batch over step budget": ("model: {path: m}\nengine:\n  max_tokens_per_step: 32\n",

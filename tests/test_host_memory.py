@@ -136,3 +136,99 @@ def test_a_process_started_with_the_rank_environment_gets_huge_pages(monkeypatch
     # TPSERVE_MALLOC=system: nothing asked, nothing restarted
     started, huge_kb, _ = _huge_child({"TPSERVE_MALLOC": "system"}, restart=True)
     assert started and huge_kb < 8 << 10  # started with everything asked of it: nothing
+
+
+# -- the KV cache's own mapping ------------------------------------------------------------------
+LINUX = pytest.mark.skipif(platform.system() != "Linux", reason="Linux only (mincore, MADV_POPULATE_WRITE)")
+
+
+def _resident(t) -> tuple[int, int]:
+    """(pages of `t` in memory, pages of `t`), by mincore(2); reads nothing."""
+    import ctypes
+    import mmap
+
+    nbytes = t.numel() * t.element_size()
+    pages = -(-nbytes // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    mincore = ctypes.CDLL(None, use_errno=True).mincore
+    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    assert mincore(t.data_ptr(), nbytes, vec) == 0, os.strerror(ctypes.get_errno())
+    return sum(b & 1 for b in vec), pages
+
+
+def _cache(num_blocks: int = 63):
+    import torch
+
+    from worker.kv_cache import KVCache
+
+    # 2 layers x K, V x 2 heads x 64 blocks x 128 tokens x 64 dims x 4 bytes = 16 MiB
+    return KVCache(2, 2, 64, num_blocks, 128, torch.float32, torch.device("cpu"))
+
+
+@LINUX
+def test_a_host_kv_cache_holds_no_memory_until_written_or_populated():
+    import torch
+
+    cache = _cache()
+    memory = cache.populator.memory
+    resident, pages = _resident(memory)
+    assert pages == 16 << 20 >> 12 and resident == 0, resident  # allocated, nothing written
+    slots = torch.tensor([5, 130, 8000])
+    k, v = torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    cache.layers[1].write(slots, k, v)
+    written, _ = _resident(memory)
+    assert 0 < written <= pages // 4, written  # the pages (huge or small) of six rows
+    if not cache.populator.run():
+        pytest.skip("this kernel cannot populate ahead (MADV_POPULATE_WRITE, Linux 5.14)")
+    assert _resident(memory) == (pages, pages) and cache.populator.done.is_set()
+    # populating faulted the pages in and changed nothing in them
+    layer = cache.layers[1]
+    assert torch.equal(layer.k.view(2, -1, 64)[:, slots], k.transpose(0, 1))
+    assert torch.equal(layer.v.view(2, -1, 64)[:, slots], v.transpose(0, 1))
+    assert memory.view(torch.float32).count_nonzero() == k.count_nonzero() + v.count_nonzero()  # the rest: 0
+
+
+@LINUX
+def test_kv_cache_population_choices():
+    on_use, ahead, background = _cache(), _cache(), _cache()
+    on_use.populate("on_use")
+    ahead.populate("before_ready")
+    background.populate("background")
+    assert background.populator.done.wait(60)
+    assert _resident(on_use.populator.memory)[0] == 0
+    for cache in (ahead, background):
+        resident, pages = _resident(cache.populator.memory)
+        assert resident == pages
+    with pytest.raises(ValueError, match="populate: one of"):
+        on_use.populate("eager")
+    background.close()  # ended already: returns at once
+
+
+ZEROED_CHILD = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{root!r}]
+    from worker import host_memory
+
+    def huge_kb():
+        return next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages"))
+
+    before = huge_kb()
+    populator = host_memory.Populator(host_memory.zeroed(256 << 20))
+    print(populator.run(), huge_kb() - before)
+""")
+
+
+@GLIBC_LINUX
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages only where asked for (madvise)")
+def test_the_kv_cache_mapping_is_on_huge_pages_where_the_rank_environment_asks(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("TPSERVE_MALLOC", raising=False)
+    for env, huge in ((host_memory.rank_environment(), True), ({}, False)):
+        base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", ZEROED_CHILD.format(root=str(ROOT))], env={**base, **env},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        populated, huge_kb = out.stdout.split()
+        if populated != "True":
+            pytest.skip("this kernel cannot populate ahead (MADV_POPULATE_WRITE, Linux 5.14)")
+        assert (int(huge_kb) >= 128 << 10) == huge, (env, huge_kb)  # half of 256 MB on 2 MB pages

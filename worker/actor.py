@@ -71,6 +71,7 @@ class WorkerSpec:
     collective_timeout_s: float
     cuda_graphs_up_to: int = 0  # decode steps of up to this many sequences replay CUDA graphs
     prefix_caching: bool = True
+    kv_cache_populate: str = "background"  # when a host KV cache's pages are faulted in (KVCache.populate)
 
 
 def _normal_priority() -> None:
@@ -223,6 +224,7 @@ class RankWorker:
         self.runner, report = ModelRunner.load(
             path, cfg, s.plan, self.group, dtype=s.dtype, num_blocks=s.num_blocks,
             block_size=s.block_size, max_positions=s.max_model_len, cuda_graphs_up_to=s.cuda_graphs_up_to,
+            populate_cache=s.kv_cache_populate,
             progress=lambda done, total: setattr(self, "_progress", (done, total)),
         )
         if s.rank == 0:
@@ -253,6 +255,8 @@ class RankWorker:
         if self._loop is not None:
             wait([self._loop], timeout=10)
         self._compute.stop()
+        if self.runner is not None:
+            self.runner.cache.close()
         if self.group is not None:
             self.group.close()
 

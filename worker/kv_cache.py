@@ -20,6 +20,10 @@ from collections import OrderedDict
 
 import torch
 
+from worker import host_memory
+
+POPULATE_CHOICES = ("background", "before_ready", "on_use")  # engine.kv_cache_populate
+
 
 class Scratch:
     """Output buffers for K/V gathers, shared by all layers (they run one after another) and
@@ -39,12 +43,10 @@ class Scratch:
 
 
 class LayerCache:
-    def __init__(self, num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, scratch: Scratch):
-        shape = (num_kv_heads, num_blocks, block_size * head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, head_dim: int, scratch: Scratch):
+        """k, v: zeroed, (num_kv_heads, num_blocks, block_size * head_dim)."""
+        self.k, self.v = k, v
+        self.num_kv_heads, self.head_dim = k.shape[0], head_dim
         self.scratch = scratch.take
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -55,16 +57,45 @@ class LayerCache:
 
 
 class KVCache:
+    """Every layer's K and V. On the host they lie in one mapping from `host_memory.zeroed`, whose
+    pages the kernel zero-fills on first touch: nothing is written at allocation, and `populate`
+    faults the pages in ahead of use (now, or on a low-priority thread). On a GPU: `torch.zeros`."""
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size  # blocks for sequences
         self.pad_block = num_blocks
         self.blocks_per_head = num_blocks + 1  # the cache's second dimension: the pad block included
         scratch = Scratch(block_size * head_dim, dtype, device)
-        self.layers = [
-            LayerCache(num_kv_heads, self.blocks_per_head, block_size, head_dim, dtype, device, scratch)
-            for _ in range(num_layers)
-        ]
+        shape = (num_kv_heads, self.blocks_per_head, block_size * head_dim)
+        per_tensor = num_kv_heads * self.blocks_per_head * block_size * head_dim
+        self.populator: host_memory.Populator | None = None
+        if torch.device(device).type == "cpu":
+            memory = host_memory.zeroed(2 * num_layers * per_tensor * torch.empty((), dtype=dtype).element_size())
+            self.populator = host_memory.Populator(memory)
+            flat = memory.view(dtype)
+            tensors = [flat[i * per_tensor:(i + 1) * per_tensor].view(shape) for i in range(2 * num_layers)]
+        else:
+            tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.layers = [LayerCache(tensors[2 * i], tensors[2 * i + 1], head_dim, scratch) for i in range(num_layers)]
+
+    def populate(self, when: str) -> None:
+        """Host memory only: fault the cache's pages in `before_ready` (before this returns), in
+        the `background` (a thread at nice 19), or `on_use` (never ahead: each comes in when a
+        step first writes it, and the process holds only what has been used)."""
+        if when not in POPULATE_CHOICES:
+            raise ValueError(f"populate: one of {POPULATE_CHOICES}, got {when!r}")
+        if self.populator is None or when == "on_use":
+            return
+        if when == "before_ready":
+            self.populator.run()
+        else:
+            self.populator.start()
+
+    def close(self) -> None:
+        """Stops a background populate (it holds the memory until it ends)."""
+        if self.populator is not None:
+            self.populator.stop()
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,

@@ -44,10 +44,11 @@ class ModelRunner:
     @classmethod
     def load(cls, path: str | Path, cfg: ModelConfig, plan: RankPlan, group: TPGroup, *,
              dtype: str, num_blocks: int, block_size: int, max_positions: int | None = None,
-             kernels: str = "auto", cuda_graphs_up_to: int = 0,
+             kernels: str = "auto", cuda_graphs_up_to: int = 0, populate_cache: str = "before_ready",
              progress=None) -> tuple["ModelRunner", LoadReport]:
         """`cuda_graphs_up_to`: replay decode steps of up to this many sequences from CUDA graphs
-        (0: never)."""
+        (0: never). `populate_cache`: when a host KV cache's pages are faulted in
+        (`KVCache.populate`; the served default is "background", engine.kv_cache_populate)."""
         t0 = time.perf_counter()
         if group.device.type == "cpu":  # activations come from the host heap: keep it mapped
             host_memory.keep_freed_memory()
@@ -55,6 +56,7 @@ class ModelRunner:
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         model = Transformer(cfg, plan, weights, group, max_positions, kernels)
         cache = model.new_cache(num_blocks, block_size)
+        cache.populate(populate_cache)
         graphs = DecodeGraphs(model, cache, cuda_graphs_up_to) if cuda_graphs_up_to else None
         return cls(model, cache, group, graphs), LoadReport(nbytes, time.perf_counter() - t0)
 
