@@ -49,8 +49,8 @@ for dt in ("fp32", "bf16"):
         compile(T._rope_cache_kernel,
                 {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr"], p),
                  "slot_ptr": "*i64", **ints("sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "s_rope",
-                                            "cache_head", "num_q_heads")},
-                {"D": 64, "BLOCK_D": 64, "BLOCK_HALF": 32, "ROPE": rope}, warps=1)
+                                            "cache_head", "num_q_heads", "num_kv_heads")},
+                {"D": 64, "BLOCK_D": 64, "BLOCK_HALF": 32, "BLOCK_HQ": 16, "BLOCK_HKV": 4, "ROPE": rope})
     for d, group, split in ((64, 3, False), (64, 3, True), (128, 4, True), (64, 1, False)):
         block_d = max(16, triton.next_power_of_2(d))
         compile(A._partition_kernel,
