@@ -38,7 +38,8 @@ CONFIG = """
 model: {{path: {model}}}
 parallel: {{tensor_parallel_size: 1}}
 device: {{type: cpu, cpus_per_rank: {cores}}}
-engine: {{max_model_len: 2048, kv_cache_tokens: 65536, max_batch_size: 64, max_tokens_per_step: 512}}
+engine: {{max_model_len: 2048, kv_cache_tokens: 65536, max_batch_size: 64, max_tokens_per_step: 512,
+          kv_cache_populate: before_ready}}
 server: {{host: 127.0.0.1, port: 0, max_queued_requests: 1024}}
 """
 
@@ -57,7 +58,7 @@ def offline_way(model, reqs, args) -> float:
 
     cfg = DeploymentConfig.for_model(model, tensor_parallel_size=1, type="cpu", cpus_per_rank=args.cores,
                                      max_model_len=2048, kv_cache_tokens=65536, max_batch_size=64,
-                                     max_tokens_per_step=512)
+                                     max_tokens_per_step=512, kv_cache_populate="before_ready")
     llm = LLM(cfg)
     try:
         params = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
