@@ -32,8 +32,8 @@ CHILD = textwrap.dedent("""
 
     def batch(tag):  # unlike prompts each time: the prefix cache must not skip their prefills
         rng = random.Random(tag)
-        run(engine, [Request(f"{{tag}}{{i}}", [rng.randrange(100, 40000) for _ in range(rng.randrange(64, 400))],
-                             greedy(rng.randrange(4, 24), ignore_eos=True)) for i in range(8)])
+        run(engine, [Request(f"{{tag}}{{i}}", [rng.randrange(100, 40000) for _ in range(rng.randrange(64, 600))],
+                             greedy(rng.randrange(4, 24), ignore_eos=True)) for i in range(16)])
 
     batch("warm-up")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -61,9 +61,8 @@ def test_an_engines_steps_reuse_freed_memory_without_page_faults(smollm2_dir):
     untouched, faults_system = _page_faults("system")
     assert kept and not untouched
     # glibc's defaults unmap and trim what each step frees, so steps fault their pages in afresh:
-    # 32,000-384,000 faults over eight runs on a Zen 5 machine for a batch of 16 prompts of 64-600
-    # tokens, 49,000-62,000 (and 44 kept) in two runs on a Zen 3 VM for this one, 8 of 64-400 (how
-    # much glibc trims depends on which thread frees what, when)
+    # 32,000-384,000 faults for this batch over eight runs on a Zen 5 machine (how much glibc trims
+    # depends on which thread frees what, when)
     assert faults_system > 10_000
     assert faults_kept < faults_system / 50, (faults_kept, faults_system)
 

@@ -393,7 +393,7 @@ def _spec(**over) -> WorkerSpec:
 def test_a_stuck_step_makes_rank_0_unhealthy():
     worker = RankWorker(_spec())
     worker.engine = StuckEngine()
-    worker.runner = SimpleNamespace(heartbeat=lambda: None, stop_peers=lambda: None)
+    worker.runner = SimpleNamespace(heartbeat=lambda: None, stop_peers=lambda: None, cache=SimpleNamespace(close=lambda: None))
     worker._loop = worker._compute.submit(worker._engine_loop)
     try:
         assert worker.health()["ok"]  # a step under 4 x 0.05 s is fine
