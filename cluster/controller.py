@@ -205,6 +205,7 @@ class Controller:
         actors = [self._actor(pg, replica_id, rank) for rank in range(tp)]
         try:
             nodes = ray.get([a.node_info.remote() for a in actors])
+            self._check_host_memory(replica_id, nodes)
             backend = self._backend(nodes)
             # Rank 0's store listens on this address only: loopback when the replica is on one
             # node (its ranks then also run gloo over loopback, see RankWorker.init_group), so
@@ -274,6 +275,32 @@ class Controller:
         if env.items() <= self._workers_environment.items():
             return None
         return {"env_vars": env}
+
+    def _check_host_memory(self, replica_id: int, nodes: list[dict]) -> None:
+        """CPU ranks: their weights and KV caches must fit in what their node has available, in
+        a clear error now, not in the kernel's OOM killer later (the cache's pages are faulted
+        in after the replica is ready, `engine.kv_cache_populate`)."""
+        if self.cfg.device.type != "cpu":
+            return
+        dtype = DTYPES[self.cfg.model.dtype]
+        need: dict[str, list[int]] = {}
+        for rank, node in enumerate(nodes):
+            if node.get("mem_available_bytes") is None:
+                continue  # not Linux: nothing to compare with
+            r = self.plan.ranks[rank]
+            kv = (self.num_blocks + 1) * KVCache.bytes_per_block(
+                self.model.num_layers, r.num_kv_heads, self.model.head_dim, self.cfg.engine.block_size, dtype)
+            total = need.setdefault(node["node_id"], [0, 0, node["mem_available_bytes"]])
+            total[0] += kv
+            total[1] += r.bytes(self.cfg.model.dtype)
+        for node_id, (kv, weights, available) in need.items():
+            if kv + weights > available:
+                gib = 1 << 30
+                raise DeploymentError(
+                    f"replica {replica_id}: its ranks on node {node_id[:8]} need {(kv + weights) / gib:.1f} GiB "
+                    f"of memory (KV cache {kv / gib:.1f} GiB, set by engine.kv_cache_tokens or "
+                    f"engine.kv_cache_memory; weights {weights / gib:.1f} GiB), and the node has "
+                    f"{available / gib:.1f} GiB available")
 
     def _backend(self, nodes: list[dict]) -> str:
         import torch

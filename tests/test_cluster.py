@@ -139,3 +139,24 @@ def test_an_embedded_ray_starts_its_workers_with_the_rank_environment(monkeypatc
     joined = Controller(config(smollm2_dir, address="auto"), cuda_available=False)
     joined._connect_ray(joined.cfg)  # a cluster started elsewhere: its workers do not have it
     assert seen["address"] == "auto" and joined._runtime_env() == {"env_vars": env}
+
+
+def test_ranks_whose_memory_does_not_fit_their_node_fail_at_start_naming_the_fields(smollm2_dir):
+    """The KV cache's pages come in after the replica is ready: a cache too large for the node
+    must fail the start with the fields to change, not wake the OOM killer later."""
+    from cluster.controller import Controller, DeploymentError
+
+    c = Controller(config(smollm2_dir, kv_cache_tokens=65536), cuda_available=False)
+
+    def node(node_id, gib):
+        return {"node_id": node_id, "mem_available_bytes": int(gib * (1 << 30))}
+
+    # rank 0 holds 2 of the 3 KV heads: 1.9 GiB of cache, rank 1 0.9 GiB, plus the weights
+    c._check_host_memory(0, [node("a" * 16, 8), node("a" * 16, 8)])
+    c._check_host_memory(0, [node("a" * 16, 2.5), node("b" * 16, 2.5)])  # one rank per node: fits
+    with pytest.raises(DeploymentError, match=r"^replica 0: its ranks on node aaaaaaaa need 3\.\d GiB of memory "
+                                              r"\(KV cache 2\.8 GiB, set by engine\.kv_cache_tokens or "
+                                              r"engine\.kv_cache_memory; weights 0\.\d GiB\), and the node has "
+                                              r"2\.5 GiB available$"):
+        c._check_host_memory(0, [node("a" * 16, 2.5), node("a" * 16, 2.5)])
+    c._check_host_memory(0, [{"node_id": "c" * 16, "mem_available_bytes": None}] * 2)  # not Linux: no check

@@ -167,6 +167,7 @@ class RankWorker:
             "cpus": sorted(os.sched_getaffinity(0)),
             "shm_free_bytes": ShmCommunicator.free_bytes(),
             "started_with_rank_environment": host_memory.started_with_rank_environment(),
+            "mem_available_bytes": host_memory.available_bytes(),
         }
 
     def open_store(self, host: str) -> int:

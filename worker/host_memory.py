@@ -129,6 +129,19 @@ def restart_with_rank_environment() -> None:
     os.execve(sys.executable, sys.orig_argv, {**os.environ, **rank_environment(), RESTARTED: "1"})
 
 
+def available_bytes() -> int | None:
+    """This machine's memory available to new allocations without swapping (Linux's
+    MemAvailable), or None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def huge_pages_asked() -> bool:
     """Whether this process was started with glibc asked for transparent huge pages."""
     return HUGE_PAGES in _initial_environment().get("GLIBC_TUNABLES", "").split(":")
