@@ -123,6 +123,7 @@ def test_an_embedded_ray_starts_its_workers_with_the_rank_environment(monkeypatc
     from worker import host_memory
 
     monkeypatch.delenv("TPSERVE_MALLOC", raising=False)
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # what _connect_ray sets: restored after the test
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # the operator's, kept
     env = host_memory.rank_environment()
     if not env:
