@@ -162,8 +162,9 @@ class Populator:
     """Faults in the pages of `memory` (a tensor on memory from `zeroed`) ahead of their first
     use, so that no step pays for them; the content stays what it is (zeros, or what a step wrote
     meanwhile). `run()` does it on the calling thread; `start()` on a daemon thread at nice 19,
-    in huge-page chunks with the GIL released (a ctypes call), so that a rank's compute threads
-    are preempted by it only when they have nothing to do. `done` is set when every page is in,
+    in huge-page chunks with the GIL released (a ctypes call), so that it runs mostly on cores a
+    rank's compute threads leave idle (beside a busy nice-0 thread the scheduler still gives it
+    about 1.5 % of the core). `done` is set when every page is in,
     or at once where the kernel cannot (before Linux 5.14): pages then come in on first use."""
 
     def __init__(self, memory: torch.Tensor):
