@@ -71,7 +71,8 @@ class KVCache:
         per_tensor = num_kv_heads * self.blocks_per_head * block_size * head_dim
         self.populator: host_memory.Populator | None = None
         if torch.device(device).type == "cpu":
-            memory = host_memory.zeroed(2 * num_layers * per_tensor * torch.empty((), dtype=dtype).element_size())
+            memory = host_memory.zeroed(
+                self.blocks_per_head * self.bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype))
             self.populator = host_memory.Populator(memory)
             flat = memory.view(dtype)
             tensors = [flat[i * per_tensor:(i + 1) * per_tensor].view(shape) for i in range(2 * num_layers)]
