@@ -86,6 +86,11 @@ def kv_cache_blocks(cfg: DeploymentConfig, model: ModelConfig, plan: ShardingPla
     return blocks
 
 
+def _rank_environment(cfg: DeploymentConfig) -> dict[str, str]:
+    """What a rank's process must be started with: host_memory's environment for CPU ranks."""
+    return host_memory.rank_environment() if cfg.device.type == "cpu" else {}
+
+
 class Controller:
     def __init__(self, cfg: DeploymentConfig, *, cuda_available: bool | None = None):
         self.model_path = resolve_model(cfg.model.path)
@@ -182,7 +187,7 @@ class Controller:
             # environment: given the rank environment now, rank actors need no runtime_env and
             # run in the workers Ray starts with it. A runtime_env makes Ray start a new worker
             # process for each actor after them (2-4 s of a 2-core VM's start-up).
-            env = host_memory.rank_environment() if cfg.device.type == "cpu" else {}
+            env = _rank_environment(cfg)
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             try:
@@ -271,7 +276,7 @@ class Controller:
         """The environment a rank's process must start with (read by glibc when the process
         starts: huge pages) where Ray's workers do not have it already: Ray then starts a
         process for it."""
-        env = host_memory.rank_environment() if self.cfg.device.type == "cpu" else {}
+        env = _rank_environment(self.cfg)
         if env.items() <= self._workers_environment.items():
             return None
         return {"env_vars": env}
