@@ -139,6 +139,12 @@ class TPGroup:
         return self.rank == 0
 
     @property
+    def shm(self):
+        """The shared-memory communicator (`sharding.shm.ShmCommunicator`) where the group runs on one,
+        else None; native code takes its all-reduces through `ShmCommunicator.native`."""
+        return self._shm
+
+    @property
     def stages_through_host(self) -> bool:
         """gloo carrying CUDA activations: each collective copies them to host memory and back."""
         return self.backend == "gloo" and self.device.type != "cpu"

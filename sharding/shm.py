@@ -144,6 +144,21 @@ _REDUCE_ACC = {
     torch.bfloat16: torch.float32, torch.float16: torch.float32,
 }
 
+# The dtypes the native all-reduce sums (tpkernels/csrc/shm_all_reduce.cpp), and how its errors
+# start: "tpserve-shm:<kind>:<message>".
+_NATIVE_REDUCE = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_NATIVE_ERROR = "tpserve-shm:"
+_NATIVE_ERRORS = {"PeerDied": PeerDied, "CollectiveTimeout": CollectiveTimeout, "ValueError": ValueError}
+
+
+def _native_ops():
+    """The native kernels where this process has loaded them (this never builds them), else None:
+    `all_reduce` then runs in Python."""
+    from tpkernels import native
+
+    return native if native.loaded() else None
+
+
 _VIEW_CACHE_MAX = 512
 _STORE_PREFIX = "tpserve_shm"
 
@@ -416,6 +431,8 @@ class ShmCommunicator:
         self._ctl = self._mv[:layout.data_offset].cast("q")
         self._data = torch.from_numpy(
             np.frombuffer(mm, dtype=np.uint8, count=layout.data_bytes, offset=layout.data_offset))
+        self._data_offset = layout.data_offset
+        self._channel: list[int] | None = None  # for native collectives, made on first use
         self._slot_bytes = [
             [self._data[(b * self._world + r) * self._cap:][:self._cap] for r in range(self._world)]
             for b in range(2)
@@ -502,6 +519,11 @@ class ShmCommunicator:
             self._fail(TypeError(f"all_reduce: unsupported dtype {t.dtype}"), "all_reduce")
         if self._world == 1 or t.numel() == 0:
             return
+        ops = _native_ops()
+        if ops is not None and t.dtype in _NATIVE_REDUCE:
+            self.native(lambda channel, who, timeout_s, step:
+                        (None, ops.shm_all_reduce_(t, channel, who, timeout_s, step)))
+            return
         chunk = self._cap // t.element_size()
         if t.numel() <= chunk:
             self._all_reduce_step(t, acc)
@@ -552,6 +574,38 @@ class ShmCommunicator:
         self._ctl[self._my_posted] = k
         self._wait_all_posted(k, "barrier")
         self._ctl[self._my_done] = k
+
+    def native(self, run, op: str = "all_reduce"):
+        """Runs `run(channel, who, timeout_s, step) -> (result, step)`, a native function that takes
+        this rank's next all-reduces on the segment itself (tpkernels/csrc/shm_all_reduce.h): the
+        decode stack, or `all_reduce` where the native kernels are loaded. It gets the segment's
+        descriptor, this communicator's name for messages, the call's timeout and the last step done,
+        and returns its result with the last step it did, which this communicator goes on from. A
+        native collective error becomes the exception the Python path raises (PeerDied,
+        CollectiveTimeout, ValueError); any other error in `run` leaves the ranks out of step, so
+        either marks this rank failed. Returns `result`."""
+        self._start_op(None, op, None)
+        before = self._step
+        try:
+            result, step = run(self._native_channel(), self._who(), self._op_timeout_s, before)
+        except RuntimeError as e:
+            text = str(e)
+            at = text.find(_NATIVE_ERROR)
+            kind, _, message = text[at + len(_NATIVE_ERROR):].partition(":") if at >= 0 else ("", "", "")
+            self._fail(_NATIVE_ERRORS[kind](message.strip()) if kind in _NATIVE_ERRORS else e, op)
+        if step > before:
+            self._step = step
+            self._done_floor = step - 1  # each peer posted the last step after finishing the one before
+        return result
+
+    def _native_channel(self) -> list[int]:
+        """The integers `tpserve_shm::Channel` reads: the segment's address, this rank, the world size,
+        the slot capacity, the data offset, the spin time (ns), then (pid, start time) per rank."""
+        if self._channel is None:
+            pids = [self._peer_pid.get(j, (os.getpid(), 0)) for j in range(self._world)]
+            self._channel = [self._data.data_ptr() - self._data_offset, self._rank, self._world, self._cap,
+                             self._data_offset, int(self._spin_s * 1e9), *(v for pair in pids for v in pair)]
+        return self._channel
 
     def close(self) -> None:
         """Leave the group and unmap the segment. Idempotent."""

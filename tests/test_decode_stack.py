@@ -60,8 +60,45 @@ def test_decode_stack_gives_the_python_blocks_logits_bit_for_bit(tmp_path, gpu_c
         assert torch.equal(a, b)
 
 
-def test_a_model_on_several_ranks_or_without_packed_products_keeps_the_python_blocks(smollm2_dir, monkeypatch):
-    """The stack has no collective between blocks, and calls the packed kernel for every product."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_stack_at_two_ranks_gives_the_python_blocks_logits_bit_for_bit(tmp_path, gpu_check, dtype,
+                                                                              monkeypatch):
+    """Two ranks over the shared-memory communicator, 9 query heads split 6 + 3 (kv 2 + 1), every
+    bias Llama allows (each row-parallel bias goes in after the all-reduce): the stack all-reduces
+    in the communicator's steps, between the embedding's all-reduce and the logits' gather that
+    Python runs, and gives the same logits and tokens as the Python blocks, bit for bit."""
+    import transformers as tf
+
+    from tests.tp_harness import run_tp
+
+    if not _stack_here(getattr(torch, dtype)):
+        pytest.skip(f"no packed {dtype} kernel on this CPU: the stack never runs here")
+    gc = gpu_check
+    cfg, cls = _random_model(tf, "biases")
+    torch.manual_seed(0)
+    hf = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):  # transformers starts them at zero, which would hide a misplaced one
+                p.copy_(torch.randn(p.shape) * 0.1)
+    path = tmp_path / "biases"
+    hf.to(getattr(torch, dtype)).save_pretrained(path)
+    jobs = [(str(path), gc.PROMPTS, dtype)]
+    (stacked,) = run_tp(jobs, 2, new_tokens=8, backend="shm")
+    monkeypatch.setenv("TPSERVE_DECODE_STACK", "0")  # the ranks are spawned: they read it at start
+    (plain,) = run_tp(jobs, 2, new_tokens=8, backend="shm")
+    # every decode step (and the prompts' step where its op set is wholly ours), on both ranks
+    assert stacked["stack_steps"][0] == stacked["stack_steps"][1] in (7, 8)
+    assert plain["stack_steps"] == {0: 0, 1: 0}
+    assert stacked["tokens"] == plain["tokens"]
+    for a, b in zip(stacked["decode_logits"] + stacked["logits"], plain["decode_logits"] + plain["logits"]):
+        assert torch.equal(a, b)
+
+
+def test_a_model_without_shared_memory_collectives_or_packed_products_keeps_the_python_blocks(smollm2_dir,
+                                                                                               monkeypatch):
+    """The stack all-reduces only on the shared-memory communicator, and calls the packed kernel for
+    every product."""
     from sharding.arch import ModelConfig
     from sharding.plan import ShardingPlan
     from worker.model import DecodeStack
@@ -70,9 +107,9 @@ def test_a_model_on_several_ranks_or_without_packed_products_keeps_the_python_bl
     plan = ShardingPlan.build(cfg, 1).ranks[0]
 
     class Model:  # what DecodeStack.possible reads
-        def __init__(self, world_size, small):
+        def __init__(self, world_size, small, shm=None):
             self.kernels = type("K", (), {"name": "native"})()
-            self.group = type("G", (), {"world_size": world_size})()
+            self.group = type("G", (), {"world_size": world_size, "shm": shm})()
             self.cfg, self.plan, self.rope, self.pos_embed = cfg, plan, object(), None
             self._small = small
 
@@ -80,7 +117,8 @@ def test_a_model_on_several_ranks_or_without_packed_products_keeps_the_python_bl
             return [type("M", (), {"small": self._small})()]
 
     assert DecodeStack.possible(Model(1, "packed"))
-    assert not DecodeStack.possible(Model(2, "packed"))
+    assert not DecodeStack.possible(Model(2, "packed"))  # gloo or NCCL
+    assert DecodeStack.possible(Model(2, "packed", shm=object()))
     assert not DecodeStack.possible(Model(1, "onednn"))
     monkeypatch.setenv("TPSERVE_DECODE_STACK", "0")
     assert not DecodeStack.possible(Model(1, "packed"))

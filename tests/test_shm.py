@@ -32,9 +32,14 @@ SHM_DIR = ShmCommunicator.SHM_DIR
 
 # ---- process harness ------------------------------------------------------------------------
 
-def _child(fn, rank, world, port, args, results):
+def _child(fn, rank, world, port, args, results, native_ranks):
     torch.set_num_threads(1)
     try:
+        if rank in native_ranks:  # this rank's all_reduce runs csrc/shm_all_reduce.cpp
+            from tpkernels import native
+            assert native.available(), native.unavailable_reason()
+        import sharding.shm
+        assert (sharding.shm._native_ops() is not None) == (rank in native_ranks)
         store = dist.TCPStore("127.0.0.1", port, world + 1, False, timeout=timedelta(seconds=60))
         results.put((rank, None, fn(store, rank, world, *args)))
     except BaseException:
@@ -49,17 +54,18 @@ def _mp_context():
     return ctx
 
 
-def _run(world, fn, *args, dying=(), timeout=60.0):
+def _run(world, fn, *args, dying=(), timeout=60.0, native_ranks=()):
     """Run ``fn(store, rank, world, *args)`` in ``world`` spawned processes.
 
     Returns ({rank: result}, {rank: exitcode}). Ranks in ``dying`` are expected to die
-    without reporting.
+    without reporting. Ranks in ``native_ranks`` load the native kernels, so that their
+    all_reduce runs in C++ (the others' in Python; the two take the same steps).
     """
     ctx = _mp_context()
     master = dist.TCPStore("127.0.0.1", 0, world + 1, True,
                            timeout=timedelta(seconds=60), wait_for_workers=False)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, master.port, args, results),
+    procs = [ctx.Process(target=_child, args=(fn, r, world, master.port, args, results, native_ranks),
                          daemon=True) for r in range(world)]
     for p in procs:
         p.start()
@@ -316,19 +322,39 @@ def _w_idle_and_timeout(store, rank, world, tag):
 
 # ---- tests --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("world,stress_iters", [(2, 5000), (3, 1500)])
-def test_collectives_match_reference(world, stress_iters):
+def _native_here() -> bool:
+    from tpkernels import native
+    return native.available()
+
+
+# Which ranks run the native all-reduce: none, all, or some (the two implementations interleave
+# their steps on one segment).
+NATIVE_SETS = {"python": lambda world: (), "native": lambda world: tuple(range(world)),
+               "mixed": lambda world: tuple(range(0, world, 2))}
+
+
+def _native_ranks(which: str, world: int) -> tuple:
+    if which != "python" and not _native_here():
+        pytest.skip("native kernels unavailable")
+    return NATIVE_SETS[which](world)
+
+
+@pytest.mark.parametrize("world,stress_iters,which", [(2, 5000, "python"), (3, 1500, "python"),
+                                                      (2, 5000, "native"), (2, 3000, "mixed"),
+                                                      (3, 1500, "mixed")])
+def test_collectives_match_reference(world, stress_iters, which):
     tag = _tag()
-    out, codes = _run(world, _w_correctness, tag, stress_iters, timeout=120)
+    out, codes = _run(world, _w_correctness, tag, stress_iters, timeout=120,
+                      native_ranks=_native_ranks(which, world))
     assert out == {r: "ok" for r in range(world)} and set(codes.values()) == {0}
     assert _leftovers(tag) == []
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sigkilled_peer_is_detected_fast(world):
+@pytest.mark.parametrize("world,which", [(2, "python"), (3, "python"), (2, "native"), (3, "native")])
+def test_sigkilled_peer_is_detected_fast(world, which):
     tag = _tag()
     victim = world - 1
-    out, codes = _run(world, _w_kill, tag, dying=(victim,))
+    out, codes = _run(world, _w_kill, tag, dying=(victim,), native_ranks=_native_ranks(which, world))
     assert codes[victim] == -signal.SIGKILL
     for rank, (kind, msg, elapsed) in out.items():
         assert kind == "PeerDied"
@@ -339,9 +365,10 @@ def test_sigkilled_peer_is_detected_fast(world):
     assert _leftovers(tag) == []
 
 
-def test_idle_wait_timeout_and_rendezvous_errors():
+@pytest.mark.parametrize("which", ["python", "native"])
+def test_idle_wait_timeout_and_rendezvous_errors(which):
     tag = _tag()
-    out, _ = _run(2, _w_idle_and_timeout, tag)
+    out, _ = _run(2, _w_idle_and_timeout, tag, native_ranks=_native_ranks(which, 2))
     r0, r1 = out[0], out[1]
     assert r0["idle_wall"] >= 0.9
     assert r0["idle_cpu"] < 0.25 * r0["idle_wall"], f"idle rank burned {r0['idle_cpu']:.2f} s CPU"

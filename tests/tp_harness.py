@@ -69,6 +69,8 @@ def _rank_main(rank, tp, port, jobs, new_tokens, backend, device, runner_options
                 runner.stop_peers()
             else:
                 runner.follow()
+            stack = runner.model._stack
+            out.put(("stack", job, rank, stack.steps if stack is not None else 0))
         group.close()
     except BaseException:
         out.put(("error", rank, traceback.format_exc()))
@@ -77,7 +79,8 @@ def _rank_main(rank, tp, port, jobs, new_tokens, backend, device, runner_options
 def run_tp(jobs, tp: int, new_tokens: int = 32, backend: str = "gloo", timeout_s: float = 300,
            devices: list[str] | None = None, runner_options: dict | None = None):
     """jobs: [(checkpoint dir, prompts, dtype)]. Returns per job: {"logits", "tokens",
-    "decode_logits", "bytes"} where bytes[rank] = (bytes loaded, bytes the plan assigns).
+    "decode_logits", "bytes", "stack_steps"} where bytes[rank] = (bytes loaded, bytes the plan
+    assigns) and stack_steps[rank] = the steps the rank's decode stack ran (`worker.model.DecodeStack`).
     `devices`: each rank's device (default: all on CPU); `runner_options`: more ModelRunner.load
     arguments."""
     ctx = mp.get_context("spawn")
@@ -89,8 +92,8 @@ def run_tp(jobs, tp: int, new_tokens: int = 32, backend: str = "gloo", timeout_s
              for r in range(tp)]
     for p in procs:
         p.start()
-    results = [{"bytes": {}} for _ in jobs]
-    pending = len(jobs) * (tp + 1)
+    results = [{"bytes": {}, "stack_steps": {}} for _ in jobs]
+    pending = len(jobs) * (2 * tp + 1)
     try:
         while pending:
             msg = out.get(timeout=timeout_s)
@@ -98,6 +101,8 @@ def run_tp(jobs, tp: int, new_tokens: int = 32, backend: str = "gloo", timeout_s
                 raise RuntimeError(f"rank {msg[1]} failed:\n{msg[2]}")
             if msg[0] == "bytes":
                 results[msg[1]]["bytes"][msg[2]] = (msg[3], msg[4])
+            elif msg[0] == "stack":
+                results[msg[1]]["stack_steps"][msg[2]] = msg[3]
             else:
                 results[msg[1]].update(logits=[torch.from_numpy(a) for a in msg[2]], tokens=msg[3],
                                        decode_logits=[None if a is None else torch.from_numpy(a)

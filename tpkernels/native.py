@@ -255,11 +255,21 @@ class Ops:
         return self._ns.decode_stack_create(tensors, addresses, windows, sizes, eps, scale)
 
     def decode_stack_run(self, stack: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         slots: torch.Tensor, block_tables: torch.Tensor,
-                         context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         channel: list[int] = (), who: str = "", timeout_s: float = 0.0,
+                         step: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Every block of `stack` on x (tokens, hidden), each token a row of the paged kernel:
-        (x, delta), the residual stream as the Python blocks leave it."""
-        return self._ns.decode_stack_run(stack, x, cos, sin, slots, block_tables, context_lens)
+        (x, delta, step), the residual stream as the Python blocks leave it. At more than one rank,
+        `channel` .. `step` are a shared-memory communicator's (`ShmCommunicator.native`): each
+        block's row-parallel products are all-reduced on it, and `step` comes back advanced."""
+        return self._ns.decode_stack_run(stack, x, cos, sin, slots, block_tables, context_lens, list(channel), who,
+                                         timeout_s, step)
+
+    def shm_all_reduce_(self, t: torch.Tensor, channel: list[int], who: str, timeout_s: float, step: int) -> int:
+        """Sums t over the ranks of a shared-memory communicator in place, in its steps after `step`;
+        returns the last step done (csrc/shm_all_reduce.h; `ShmCommunicator.native` supplies the
+        arguments and turns its errors into the communicator's)."""
+        return self._ns.shm_all_reduce_(t, channel, who, timeout_s, step)
 
     def vector_lanes(self) -> int:
         """The float32 lanes of this build's widest vectors: 16 where it has the AVX-512 paths, else 8."""
@@ -284,6 +294,7 @@ silu_mul = _serving.silu_mul
 vector_lanes = _serving.vector_lanes
 decode_stack_create = _serving.decode_stack_create
 decode_stack_run = _serving.decode_stack_run
+shm_all_reduce_ = _serving.shm_all_reduce_
 argmax_rows = _serving.argmax_rows
 
 _variants: dict[str, Ops] = {}

@@ -157,9 +157,10 @@ class DecodeStack:
     bit, without the ~10 Python-level operator calls per block. On a batch-1 bfloat16 step of the
     default model those calls cost ~2 ms of 6.6, during which the kernels' other threads wait.
 
-    Built for one model and one KV cache where the model qualifies (`possible`): Llama-family blocks
-    on one rank (no collective between blocks), the native kernels, every product on packed
-    weights (`native.packed_gemm`). A step qualifies (`serves`) when each of its tokens, at most
+    Built for one model and one KV cache where the model qualifies (`possible`): Llama-family blocks,
+    the native kernels, every product on packed weights (`native.packed_gemm`), and one rank or
+    ranks joined by the shared-memory communicator: the stack then all-reduces each block's
+    row-parallel products itself, in the communicator's own steps (`ShmCommunicator.native`). A step qualifies (`serves`) when each of its tokens, at most
     128, is a row of the paged attention kernel (decodes, and prefill chunks the kernel takes a row
     per token) and its op set is wholly native. ``TPSERVE_DECODE_STACK=0``
     turns it off: every step then runs the Python blocks."""
@@ -176,6 +177,8 @@ class DecodeStack:
         first = model.layers[0]
         sizes = [cfg.hidden_size, plan.num_heads, plan.num_kv_heads, cfg.head_dim, first.mlp.w_in.linear.outputs]
         self.cache = cache
+        self.comm = model.group.shm if model.group.world_size > 1 else None
+        self.steps = 0  # the steps it ran (tests and benchmarks read it)
         self.rows = min(mat.small_rows for mat in model._matmuls())  # the steps the packed kernel takes
         self._stack = native.decode_stack_create(tensors, addresses, windows, sizes, cfg.norm_eps, first.attn.scale)
 
@@ -183,7 +186,8 @@ class DecodeStack:
     def possible(model: "Transformer") -> bool:
         if os.environ.get("TPSERVE_DECODE_STACK", "1") == "0":
             return False
-        return (model.kernels.name == "native" and model.group.world_size == 1 and model.cfg.family == "llama"
+        return (model.kernels.name == "native" and (model.group.world_size == 1 or model.group.shm is not None)
+                and model.cfg.family == "llama"
                 and model.rope is not None and model.pos_embed is None
                 and all(mat.small == "packed" for mat in model._matmuls()))
 
@@ -196,8 +200,17 @@ class DecodeStack:
     def __call__(self, x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         paged = batch.attn.paged_decodes
         cos, sin = batch.rope
-        return native.decode_stack_run(self._stack, x, cos, sin, batch.attn.slot_mapping, paged.block_tables,
-                                       paged.context_lens)
+        args = (self._stack, x, cos, sin, batch.attn.slot_mapping, paged.block_tables, paged.context_lens)
+        self.steps += 1
+        if self.comm is None:
+            x, delta, _ = native.decode_stack_run(*args)
+            return x, delta
+
+        def run(channel, who, timeout_s, step):
+            x, delta, step = native.decode_stack_run(*args, channel, who, timeout_s, step)
+            return (x, delta), step
+
+        return self.comm.native(run)
 
 
 class Transformer:

@@ -14,13 +14,18 @@
 // so the Python object that holds that tensor owns it. `decode_stack_run` runs every block on a
 // step's embedded tokens and returns the residual stream as the Python loop leaves it: (x, delta).
 //
-// Llama-family blocks only (RMS norm, rotary embedding, gated silu MLP), one rank (no collective
-// between the blocks), and only steps whose every token is a decode row of the paged kernel;
-// worker/model.py decides which steps come here.
+// At tensor-parallel size > 1 each block's two row-parallel products (wo, w_out) are summed over the
+// ranks by the shared-memory all-reduce (shm_all_reduce.h) on the communicator's segment, as
+// RowParallelLinear does from Python: the same steps, so the ranks' other collectives (the
+// embedding's all-reduce, the logits' gather) go on from Python after it.
+//
+// Llama-family blocks only (RMS norm, rotary embedding, gated silu MLP), and only steps whose every
+// token is a decode row of the paged kernel; worker/model.py decides which steps come here.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include "library.h"
+#include "shm_all_reduce.h"
 
 #include <memory>
 #include <optional>
@@ -75,8 +80,11 @@ struct Stack {
 
   // The Python blocks' residual stream: x + delta goes in (no delta before the first block), and
   // each residual add is fused with the norm after it.
-  std::tuple<Tensor, Tensor> run(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& slots,
-                                 const Tensor& tables, const Tensor& lens) const {
+  // `comm`: the ranks' shared-memory channel (nothing at one rank), its timeout and its last step;
+  // returns the step the all-reduces reached.
+  std::tuple<Tensor, Tensor, int64_t> run(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& slots,
+                                          const Tensor& tables, const Tensor& lens,
+                                          const tpserve_shm::Channel* comm, double timeout_s, int64_t step) const {
     const int64_t n = x.size(0);
     const int64_t q_out = hq * d, kv_out = hkv * d;
     Tensor delta;
@@ -99,6 +107,7 @@ struct Stack {
       Tensor att = at::empty({n, hq, d}, x.options());
       attention.call(q, l.k_cache, l.v_cache, tables, lens, scale, l.window, att);
       Tensor o = linear(att.view({n, q_out}), l.o, hidden, std::nullopt);
+      if (comm) step = tpserve_shm::all_reduce(*comm, o, step, timeout_s);
       if (l.o_bias) o.add_(*l.o_bias);
       Tensor r = at::empty_like(x);
       h = at::empty_like(x);
@@ -108,9 +117,10 @@ struct Stack {
       Tensor a = at::empty({n, ffn / 2}, x.options());
       silu_mul.call(gu, a);
       delta = linear(a, l.out, hidden, std::nullopt);
+      if (comm) step = tpserve_shm::all_reduce(*comm, delta, step, timeout_s);
       if (l.out_bias) delta.add_(*l.out_bias);
     }
-    return {x, delta};
+    return {x, delta, step};
   }
 };
 
@@ -136,12 +146,18 @@ Tensor decode_stack_create(const c10::List<OptTensor>& tensors, at::IntArrayRef 
   return at::from_blob(raw, {1}, [](void* p) { delete static_cast<Stack*>(p); }, at::TensorOptions().dtype(at::kByte));
 }
 
-std::tuple<Tensor, Tensor> decode_stack_run(const Tensor& stack, const Tensor& x, const Tensor& cos, const Tensor& sin,
-                                            const Tensor& slots, const Tensor& tables, const Tensor& lens) {
+// channel: ShmCommunicator.native_descriptor (empty at one rank), with who, timeout_s and step as
+// in shm_all_reduce_.
+std::tuple<Tensor, Tensor, int64_t> decode_stack_run(const Tensor& stack, const Tensor& x, const Tensor& cos,
+                                                     const Tensor& sin, const Tensor& slots, const Tensor& tables,
+                                                     const Tensor& lens, at::IntArrayRef channel, c10::string_view who,
+                                                     double timeout_s, int64_t step) {
   TORCH_CHECK(stack.scalar_type() == at::kByte && stack.numel() == 1, "decode_stack_run: not a stack");
   const Stack* st = static_cast<const Stack*>(stack.data_ptr());
   TORCH_CHECK(x.dim() == 2 && x.size(1) == st->hidden && x.is_contiguous(), "decode_stack_run: x (tokens, hidden)");
-  return st->run(x, cos, sin, slots, tables, lens);
+  if (channel.empty()) return st->run(x, cos, sin, slots, tables, lens, nullptr, timeout_s, step);
+  const auto comm = tpserve_shm::Channel::from(channel, std::string(who));
+  return st->run(x, cos, sin, slots, tables, lens, &comm, timeout_s, step);
 }
 
 }  // namespace
@@ -151,7 +167,7 @@ TPSERVE_LIBRARY_FRAGMENT(TPSERVE_NS, m) {
         "float scale) -> Tensor",
         &decode_stack_create);
   m.def("decode_stack_run(Tensor stack, Tensor x, Tensor cos, Tensor sin, Tensor slots, Tensor block_tables, "
-        "Tensor context_lens) -> (Tensor, Tensor)");
+        "Tensor context_lens, int[] channel, str who, float timeout_s, int step) -> (Tensor, Tensor, int)");
 }
 
 TPSERVE_LIBRARY_IMPL(TPSERVE_NS, CPU, m) { m.impl("decode_stack_run", &decode_stack_run); }
