@@ -2,8 +2,9 @@
 
 Starts N local processes (default 2), each with torch.set_num_threads(1), builds a gloo
 process group and a ShmCommunicator over the same TCPStore, and times float32 all-reduces
-of several sizes on every rank. Rank 0 prints the median and p99 per size and backend,
-then a summary line:
+of several sizes on every rank: gloo, the communicator's Python steps, and its native ones
+(tpkernels/csrc/shm_all_reduce.cpp, where the native kernels build). Rank 0 prints the median
+and p99 per size and way, then a summary line (shm: the way a serving rank takes):
 
     allreduce_4KiB_median_us: shm=X gloo=Y ratio=Z
 
@@ -62,12 +63,17 @@ def _rank_main(rank: int, world: int, port: int, capacity: int, pin: bool, resul
         # Only this (the main) thread: gloo's I/O threads, already started, stay unpinned.
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[rank % len(cpus)]})
+    from tpkernels import native
+
+    ways = [("gloo", lambda: dist.all_reduce(t), 1500, None), ("shm python", lambda: comm.all_reduce(t), 5000, False)]
+    if native.available():
+        ways.append(("shm native", lambda: comm.all_reduce(t), 5000, True))
     rows = []
     for nbytes in SIZES:
         t = torch.zeros(nbytes // 4, dtype=torch.float32)
         row = {"bytes": nbytes}
-        for name, op, cap in (("gloo", lambda: dist.all_reduce(t), 1500),
-                              ("shm", lambda: comm.all_reduce(t), 5000)):
+        for name, op, cap, use_native in ways:
+            comm.native_all_reduce = bool(use_native)
             comm.barrier()
             n = _iters(nbytes, cap)
             row[name] = _summary(_time_op(op, n, warmup=max(10, n // 20)))
@@ -105,15 +111,17 @@ def main() -> None:
 
     print(f"# all-reduce float32, {args.world} local processes, {os.cpu_count()} CPUs, "
           f"loadavg {os.getloadavg()[0]:.2f}, pin={args.pin}, shm capacity {args.capacity} B")
-    print(f"{'size':>8} | {'gloo med':>9} {'gloo p99':>9} | {'shm med':>9} {'shm p99':>9} | "
-          f"{'gloo/shm':>8}   (microseconds)")
+    ways = [w for w in ("gloo", "shm python", "shm native") if w in rows[0]]
+    serving = ways[-1]  # native where it built
+    print("    size | " + " | ".join(f"{w + ' med':>15} {'p99':>8}" for w in ways)
+          + f" | gloo/{serving}   (microseconds)")
     for row in rows:
-        (gm, gp), (sm, sp) = row["gloo"], row["shm"]
-        print(f"{_fmt_size(row['bytes']):>8} | {gm:9.1f} {gp:9.1f} | {sm:9.1f} {sp:9.1f} | "
-              f"{gm / sm:8.1f}")
+        print(f"{_fmt_size(row['bytes']):>8} | " + " | ".join(f"{row[w][0]:15.1f} {row[w][1]:8.1f}" for w in ways)
+              + f" | {row['gloo'][0] / row[serving][0]:8.1f}")
     four_k = next(r for r in rows if r["bytes"] == 4096)
-    s, g = four_k["shm"][0], four_k["gloo"][0]
-    print(f"allreduce_4KiB_median_us: shm={s:.1f} gloo={g:.1f} ratio={g / s:.1f}")
+    s, g = four_k[serving][0], four_k["gloo"][0]
+    extra = f" python={four_k['shm python'][0]:.1f}" if serving != "shm python" else ""
+    print(f"allreduce_4KiB_median_us: shm={s:.1f} gloo={g:.1f} ratio={g / s:.1f}{extra}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ For each model and batch size (1 and 32 sequences, each with 128 tokens of conte
 step is timed in four set-ups: TP = 1 with one thread, TP = 1 with two threads, and TP = 2 with
 one thread per rank over gloo and over the shared-memory communicator. Each rank is its own
 process. "comm" is rank 0's wall time inside all-reduces and the logits gather per step (it
-includes waiting for the slower rank). The last line is ``tp2_speedup_batch32: X.XX`` -- TP = 2
+includes waiting for the slower rank), those that Python calls: where the decode stack runs the
+step (`worker.model.DecodeStack`, shm only), the blocks' all-reduces happen inside it and "comm"
+is the embedding's all-reduce and the gather. The last line is ``tp2_speedup_batch32: X.XX`` -- TP = 2
 (shared memory) over TP = 1 (one thread) on the ~1B model at batch 32.
 """
 

@@ -53,6 +53,8 @@ order, loads are not reordered with older loads), and on aligned 8-byte loads/st
 being single-copy atomic. Writers store the data, then the counter; readers load the
 counter, then the data. The data copies run in torch and the counter accesses in CPython,
 separate compiled functions, so the compiler cannot reorder them either.
+The native all-reduce (below) loads counters with acquire and stores them with release
+semantics: plain moves on x86-64 that the compiler may not move the data copies across.
 ``ShmCommunicator.supported()`` is False on other architectures (ARM, POWER are weakly
 ordered and would need fences); callers fall back to gloo there.
 
@@ -64,6 +66,14 @@ and still the same process: start time); a dead, closed or aborted peer raises P
 a wait past ``timeout_s`` (per communicator, or per call) raises CollectiveTimeout. Any
 error (argument errors included: they desynchronize the group) marks this rank ABORTED
 in the segment, so its peers fail fast too; the communicator is then unusable.
+
+Native all-reduce: where the process has loaded the native kernels (`tpkernels.native`),
+`all_reduce` of floating-point tensors runs the same steps in C++
+(tpkernels/csrc/shm_all_reduce.cpp: the same waiting, probing, timeouts and errors), and the
+decode stack (tpkernels/csrc/decode_stack.cpp) all-reduces between a step's blocks itself. Both
+go through `ShmCommunicator.native`, which hands native code the last step number and takes
+back the last one it did, so native and Python collectives interleave on one segment, and ranks
+may even differ in which they run.
 
 Limits: ranks must share one host, one /dev/shm and one pid namespace (checked at the
 rendezvous; every rank fails together, so all can fall back to gloo).
@@ -433,6 +443,8 @@ class ShmCommunicator:
             np.frombuffer(mm, dtype=np.uint8, count=layout.data_bytes, offset=layout.data_offset))
         self._data_offset = layout.data_offset
         self._channel: list[int] | None = None  # for native collectives, made on first use
+        # all_reduce in C++ where the native kernels are loaded (benchmarks turn it off to compare)
+        self.native_all_reduce = True
         self._slot_bytes = [
             [self._data[(b * self._world + r) * self._cap:][:self._cap] for r in range(self._world)]
             for b in range(2)
@@ -519,7 +531,7 @@ class ShmCommunicator:
             self._fail(TypeError(f"all_reduce: unsupported dtype {t.dtype}"), "all_reduce")
         if self._world == 1 or t.numel() == 0:
             return
-        ops = _native_ops()
+        ops = _native_ops() if self.native_all_reduce else None
         if ops is not None and t.dtype in _NATIVE_REDUCE:
             self.native(lambda channel, who, timeout_s, step:
                         (None, ops.shm_all_reduce_(t, channel, who, timeout_s, step)))
