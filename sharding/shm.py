@@ -533,8 +533,8 @@ class ShmCommunicator:
             return
         ops = _native_ops() if self.native_all_reduce else None
         if ops is not None and t.dtype in _NATIVE_REDUCE:
-            self.native(lambda channel, who, timeout_s, step:
-                        (None, ops.shm_all_reduce_(t, channel, who, timeout_s, step)))
+            self._run_native(lambda channel, who, timeout_s, step:
+                             (None, ops.shm_all_reduce_(t, channel, who, timeout_s, step)), "all_reduce")
             return
         chunk = self._cap // t.element_size()
         if t.numel() <= chunk:
@@ -587,7 +587,7 @@ class ShmCommunicator:
         self._wait_all_posted(k, "barrier")
         self._ctl[self._my_done] = k
 
-    def native(self, run, op: str = "all_reduce"):
+    def native(self, run, op: str = "all_reduce", *, timeout_s: float | None = None):
         """Runs `run(channel, who, timeout_s, step) -> (result, step)`, a native function that takes
         this rank's next all-reduces on the segment itself (tpkernels/csrc/shm_all_reduce.h): the
         decode stack, or `all_reduce` where the native kernels are loaded. It gets the segment's
@@ -596,7 +596,11 @@ class ShmCommunicator:
         native collective error becomes the exception the Python path raises (PeerDied,
         CollectiveTimeout, ValueError); any other error in `run` leaves the ranks out of step, so
         either marks this rank failed. Returns `result`."""
-        self._start_op(None, op, None)
+        self._start_op(None, op, timeout_s)
+        return self._run_native(run, op)
+
+    def _run_native(self, run, op: str):
+        """`native` once the call's checks are done and its timeout is set (`_start_op`)."""
         before = self._step
         try:
             result, step = run(self._native_channel(), self._who(), self._op_timeout_s, before)

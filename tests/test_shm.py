@@ -294,6 +294,19 @@ def _w_idle_and_timeout(store, rank, world, tag):
         result["aborted_msg"] = str(info.value)
     comm.close()
 
+    # A per-call timeout overrides the communicator's (30 s) for that all_reduce.
+    comm = ShmCommunicator.create(store, rank, world, capacity_bytes=CAP, timeout_s=30,
+                                  tag=tag + "-percall")
+    if rank == 0:
+        t0 = time.monotonic()
+        with pytest.raises(CollectiveTimeout, match="timed out after 0.3 s"):
+            comm.all_reduce(torch.ones(64), timeout_s=0.3)
+        result["percall_after"] = time.monotonic() - t0
+        store.set(tag + "/percall", "1")
+    else:
+        store.wait([tag + "/percall"], timedelta(seconds=30))
+    comm.close()
+
     # Mismatched all_reduce sizes are caught, not summed.
     comm = ShmCommunicator.create(store, rank, world, capacity_bytes=CAP, timeout_s=30,
                                   tag=tag + "-sizes")
@@ -376,6 +389,7 @@ def test_idle_wait_timeout_and_rendezvous_errors(which):
     assert "rank 0/2" in r0["timeout_msg"] and "all_reduce" in r0["timeout_msg"]
     assert "waiting for rank 1" in r0["timeout_msg"]
     assert r1["aborted_after"] < 1.0 and "rank 0 aborted" in r1["aborted_msg"]
+    assert 0.25 <= r0["percall_after"] < 2.0
     assert _leftovers(tag) == []
 
 

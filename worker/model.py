@@ -160,10 +160,10 @@ class DecodeStack:
     Built for one model and one KV cache where the model qualifies (`possible`): Llama-family blocks,
     the native kernels, every product on packed weights (`native.packed_gemm`), and one rank or
     ranks joined by the shared-memory communicator: the stack then all-reduces each block's
-    row-parallel products itself, in the communicator's own steps (`ShmCommunicator.native`). A step qualifies (`serves`) when each of its tokens, at most
-    128, is a row of the paged attention kernel (decodes, and prefill chunks the kernel takes a row
-    per token) and its op set is wholly native. ``TPSERVE_DECODE_STACK=0``
-    turns it off: every step then runs the Python blocks."""
+    row-parallel products itself, in the communicator's own steps (`ShmCommunicator.native`). A
+    step qualifies (`serves`) when each of its tokens, at most 128, is a row of the paged attention
+    kernel (decodes, and prefill chunks the kernel takes a row per token) and its op set is wholly
+    native. ``TPSERVE_DECODE_STACK=0`` turns it off: every step then runs the Python blocks."""
 
     def __init__(self, model: "Transformer", cache: KVCache):
         cfg, plan = model.cfg, model.plan

@@ -146,7 +146,7 @@ Tensor decode_stack_create(const c10::List<OptTensor>& tensors, at::IntArrayRef 
   return at::from_blob(raw, {1}, [](void* p) { delete static_cast<Stack*>(p); }, at::TensorOptions().dtype(at::kByte));
 }
 
-// channel: ShmCommunicator.native_descriptor (empty at one rank), with who, timeout_s and step as
+// channel: ShmCommunicator._native_channel (empty at one rank), with who, timeout_s and step as
 // in shm_all_reduce_.
 std::tuple<Tensor, Tensor, int64_t> decode_stack_run(const Tensor& stack, const Tensor& x, const Tensor& cos,
                                                      const Tensor& sin, const Tensor& slots, const Tensor& tables,

@@ -17,7 +17,7 @@
 
 namespace tpserve_shm {
 
-// One rank's view of a communicator's segment, from the integers ShmCommunicator.native_descriptor
+// One rank's view of a communicator's segment, from the integers ShmCommunicator._native_channel
 // gives: [segment address, rank, world size, slot capacity (bytes), data offset (bytes), spin time
 // (ns), then for each rank its pid and start time (its own included, unused)].
 struct Channel {
