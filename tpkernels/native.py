@@ -12,7 +12,7 @@
   Larger inputs (prefill) keep the torch operators, so prompt logits stay those of transformers.
 
 It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
-else ``c++``), about 20 s, and cached under ``$TPSERVE_CACHE/native`` (default
+else ``c++``), one compiler per source file and core, 20-60 s, and cached under ``$TPSERVE_CACHE/native`` (default
 ``~/.cache/tpserve/native``) keyed by the sources, the torch version and this CPU, so every process
 after the first just loads it. ``make`` builds it at install time (``python -m tpkernels``).
 Builders racing each other are safe: each writes a private file and renames it into place.
@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -109,32 +110,52 @@ def namespace(isa: str) -> str:
     return "tpserve" if isa == ISA else "tpserve_" + isa.replace("-", "_")
 
 
-def _compile_command(compiler: str, sources: list[Path], out: Path, isa: str = ISA) -> list[str]:
+def _compile_flags(isa: str) -> list[str]:
     if isa != NATIVE and isa not in ISA_LEVELS:
         raise ValueError(f"TPSERVE_NATIVE_ISA must be one of {[NATIVE, *ISA_LEVELS]}, got {isa!r}")
     tdir = Path(torch.__file__).resolve().parent
     abi = int(torch.compiled_with_cxx11_abi())
     return [
-        compiler, "-O3", f"-march={isa}", "-fopenmp", "-fPIC", "-shared", "-std=c++20",
+        "-O3", f"-march={isa}", "-fopenmp", "-fPIC", "-std=c++20",
         f"-DTPSERVE_NS={namespace(isa)}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
         f"-I{tdir / 'include'}", f"-I{tdir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-        *map(str, sources), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}",
-        "-o", str(out),
     ]
+
+
+def _compile_command(compiler: str, source: Path, out: Path, isa: str = ISA) -> list[str]:
+    """One source file to an object file."""
+    return [compiler, *_compile_flags(isa), "-c", str(source), "-o", str(out)]
+
+
+def _link_command(compiler: str, objects: list[Path], out: Path) -> list[str]:
+    tlib = Path(torch.__file__).resolve().parent / "lib"
+    return [compiler, "-shared", "-fopenmp", *map(str, objects), f"-L{tlib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{tlib}", "-o", str(out)]
 
 
 def library_path(isa: str = ISA) -> Path:
     """Where these sources, built against this torch for this CPU and instruction set, are cached."""
     key = hashlib.sha256()
+    commands = _compile_command("c++", Path("src"), Path("obj"), isa) + _link_command("c++", [Path("obj")], Path("out"))
     for part in (*(s.read_bytes() for s in SOURCES + HEADERS), torch.__version__.encode(),
-                 _cpu_identity().encode(), " ".join(_compile_command("c++", [Path("src")], Path("out"), isa)).encode()):
+                 _cpu_identity().encode(), " ".join(commands).encode()):
         key.update(part)
     return _cache_root() / key.hexdigest()[:16] / LIB_NAME
 
 
+def _run_tool(command: list[str]) -> None:
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"{command[0]} failed: " + " | ".join(tail))
+
+
 def build(quiet: bool = False, isa: str = ISA) -> Path:
     """Compiles the kernels for `isa` unless they are cached; returns the library's path. Raises
-    RuntimeError."""
+    RuntimeError.
+
+    Each source file compiles in a compiler process of its own, as many at once as this process
+    may use cores (each spends most of its time in torch's headers), then one link."""
     lib = library_path(isa)
     if lib.is_file():
         return lib
@@ -143,19 +164,20 @@ def build(quiet: bool = False, isa: str = ISA) -> Path:
         raise RuntimeError(f"no C++ compiler ({compiler!r} not found; set CXX or install g++)")
     lib.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        log.warning("tpserve: compiling the native kernels for %s (once per machine, ~20 s)", isa)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
+        log.warning("tpserve: compiling the native kernels for %s (once per machine, 20-60 s)", isa)
+    work = Path(tempfile.mkdtemp(dir=lib.parent))
     try:
-        proc = subprocess.run(_compile_command(compiler, SOURCES, Path(tmp), isa), capture_output=True, text=True,
-                              timeout=600)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"{compiler} failed: " + " | ".join(tail))
+        objects = [work / (s.stem + ".o") for s in SOURCES]
+        biggest_first = sorted(zip(SOURCES, objects), key=lambda so: -so[0].stat().st_size)
+        jobs = max(1, min(len(SOURCES), len(os.sched_getaffinity(0))))
+        with ThreadPoolExecutor(jobs) as pool:
+            for done in [pool.submit(_run_tool, _compile_command(compiler, s, o, isa)) for s, o in biggest_first]:
+                done.result()
+        tmp = work / LIB_NAME
+        _run_tool(_link_command(compiler, objects, tmp))
         os.replace(tmp, lib)  # atomic: a racing builder's result is identical
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)
     return lib
 
 
