@@ -303,11 +303,16 @@ def test_linear_packs_its_weight_once_and_every_size_matches_float64(dtype, monk
     torch.manual_seed(0)
     w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
     lin = Linear(w, b)
-    if gemm.pack(w) is None:
-        # oneDNN takes bfloat16 only with AVX512-BW/VL/DQ or AVX-NE-CONVERT: elsewhere the weight
-        # stays plain, our GEMV for decode-sized inputs and a float32 product above
-        assert dtype == torch.bfloat16 and gemm.bf16_is_slow()
-        assert (lin.small, lin.large) == ("native", "widened") and not lin.weight.is_mkldnn
+    if dtype == torch.bfloat16 and gemm.bf16_is_slow():
+        # oneDNN takes bfloat16 only with AVX512-BW/VL/DQ or AVX-NE-CONVERT. Elsewhere, with AVX2,
+        # our packed kernel widens it as it streams it, at every size, from our own packing (only);
+        # without, the weight stays plain: our GEMV for decode-sized inputs, float32 above
+        if native.available() and native.packed_gemm_supported(dtype):
+            assert (lin.small, lin.large) == ("packed", "packed") and not lin.weight.is_mkldnn
+            assert torch.equal(lin.weight, gemm.packed_layout(w)) and lin.address == lin.weight.data_ptr()
+            assert lin.outputs == 96
+        else:
+            assert (lin.small, lin.large) == ("native", "widened") and not lin.weight.is_mkldnn
     else:
         assert lin.large == "onednn" and lin.weight.is_mkldnn
         assert lin.small == ("packed" if _packed_gemm_here(w) else "onednn")
@@ -409,10 +414,12 @@ def test_each_build_has_the_packed_gemm_its_instructions_allow():
     flags = native._cpu_flags()
     for isa in native.isas_here():
         ops = native.variant(isa)
-        # float32 needs AVX2 + FMA (8 lanes) or AVX-512 (16); bfloat16 AVX512-BF16, no x86-64 level
+        # float32 needs AVX2 + FMA (8 lanes) or AVX-512 (16); bfloat16 AVX512-BF16 (`vdpbf16ps`) or
+        # the 8-lane float32 kernel (widened as loaded), not AVX-512 without BF16: oneDNN has that
+        avx2 = isa == "x86-64-v3" or (isa == native.NATIVE and {"avx2", "fma"} <= flags and "avx512f" not in flags)
         assert ops.packed_gemm_supported(torch.float32) == (isa != "x86-64-v2" if isa != native.NATIVE
                                                             else {"avx2", "fma"} <= flags), isa
-        assert ops.packed_gemm_supported(torch.bfloat16) == (isa == native.NATIVE and "avx512_bf16" in flags), isa
+        assert ops.packed_gemm_supported(torch.bfloat16) == (avx2 or (isa == native.NATIVE and "avx512_bf16" in flags)), isa
         lanes = ops.vector_lanes()
         assert lanes == {"x86-64-v2": 8, "x86-64-v3": 8, "x86-64-v4": 16}.get(isa, 16 if "avx512f" in flags else 8)
 
@@ -543,8 +550,14 @@ def test_each_size_class_runs_its_own_kernel(monkeypatch):
         m = Matmul(torch.zeros(96, 64), None, small=small, large=large)
         for rows, kernel in ((1, small), (gemm.TINY_MAX_ROWS, small), (gemm.TINY_MAX_ROWS + 1, large), (500, large)):
             assert m(torch.zeros(rows, 64)) == (kernel, rows)
-    m = Matmul(torch.zeros(96, 64), None, "packed", "onednn", gemm.PACKED_GEMM_MAX_ROWS)
-    assert m.address == 1234 and m.outputs == 96
+    w = torch.zeros(96, 64)
+    packed = gemm.pack(w)
+    if packed is not None:  # oneDNN's packed bytes are found through it; a plain tensor's are its own
+        assert Matmul(packed, None, "packed", "onednn", gemm.PACKED_GEMM_MAX_ROWS).address == 1234
+    ours = gemm.packed_layout(w)
+    assert Matmul(ours, None, "packed", "packed", outputs=96).address == ours.data_ptr()
+    m = Matmul(w, None, "packed", "onednn", gemm.PACKED_GEMM_MAX_ROWS)
+    assert m.address == w.data_ptr() and m.outputs == 96
     for rows, kernel in ((1, "packed"), (gemm.PACKED_GEMM_MAX_ROWS, "packed"), (gemm.PACKED_GEMM_MAX_ROWS + 1, "onednn")):
         assert m(torch.zeros(rows, 64)) == (kernel, rows)
 
@@ -562,6 +575,21 @@ def test_add_rms_norm_matches_float64(rows, kern):
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
     assert torch.equal(residual, x + delta)
     assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("h", [576, 581])  # whole 8-lane vectors; and a scalar tail
+def test_add_rms_norm_in_bfloat16_rounds_where_torch_does(h, kern):
+    """bfloat16: the residual is torch's bfloat16 sum bit for bit, and the output within two
+    bfloat16 steps of the float64 norm of that residual (rounded to bfloat16 before the weight's
+    product, as transformers' Llama takes it, and after: either rounding may land a step away)."""
+    g = torch.Generator().manual_seed(4)
+    x, delta, w = (torch.randn(*shape, generator=g).bfloat16() for shape in ((300, h), (300, h), (h,)))
+    residual, out = kern.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(residual, x + delta)
+    s = residual.double()
+    normed = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16().double()
+    ref = normed * w.double()
+    assert ((out.double() - ref).abs() <= ref.abs() * 2.0 ** -6 + 1e-30).all()
 
 
 @pytest.mark.parametrize("n", [3, 300])

@@ -22,7 +22,8 @@ rows up on the CPU measured (AMD Zen 5), and in bfloat16 everywhere. Prefill-siz
 oneDNN. Decode-sized inputs, 1 to `gemm.PACKED_GEMM_MAX_ROWS` rows, run our own kernel on the packed
 weight instead (`native.packed_gemm`: no per-call set-up, each weight streamed once), where the build
 has it (float32: AVX2 + FMA or AVX-512; bfloat16: AVX512-BF16) and the weight's packed bytes are laid
-out as it reads them (`gemm.packed_as_gemm_reads`).
+out as it reads them (`gemm.packed_as_gemm_reads`). A bfloat16 weight on a CPU where oneDNN has no
+bfloat16 (AVX2 only) is packed by us and runs our kernel at every size (widened as it streams).
 Where oneDNN cannot take a weight (float16, a torch without oneDNN, ``TPSERVE_GEMM=blas``) the
 weight stays plain: up to `gemm.TINY_MAX_ROWS` rows our GEMV (`native.small_linear`) streams it,
 larger inputs go to `F.linear`. On CUDA every product is `F.linear`. The kernels sum in different
@@ -147,11 +148,12 @@ class Matmul:
     __slots__ = ("weight", "bias", "small", "large", "small_rows", "address", "outputs")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, small: str, large: str,
-                 small_rows: int = gemm.TINY_MAX_ROWS):
+                 small_rows: int = gemm.TINY_MAX_ROWS, outputs: int | None = None):
         self.weight, self.bias = weight, bias
         self.small, self.large, self.small_rows = small, large, small_rows
-        self.outputs = weight.shape[0]
-        self.address = gemm.packed_pointer(weight) if small == "packed" else None
+        self.outputs = weight.shape[0] if outputs is None else outputs
+        # oneDNN's packed weights have no storage torch hands out; our own (`gemm.packed_layout`) do
+        self.address = None if small != "packed" else gemm.packed_pointer(weight) if weight.is_mkldnn else weight.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.small if x.shape[0] <= self.small_rows else self.large
@@ -188,6 +190,13 @@ class Kernels:
         """The product with `weight` (out, in) (+ `bias`), its kernels chosen here: see the module.
         oneDNN is torch's own, so the plain "torch" kernels take it too; only the "native" set runs
         ours (`native.packed_gemm` on packed weights, the GEMV on plain ones)."""
+        if (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and self.name == "native"
+                and gemm.choice() == "auto" and gemm.bf16_is_slow() and native.packed_gemm_supported(torch.bfloat16)
+                and weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0):
+            # no bfloat16 in oneDNN here (AVX2 only): our kernel widens the weight as it streams it,
+            # at every size, from our own packing of it (oneDNN would not pack it)
+            return Matmul(gemm.packed_layout(weight), bias, "packed", "packed", gemm.PACKED_GEMM_MAX_ROWS,
+                          outputs=weight.shape[0])
         if weight.device.type == "cpu":
             packed = gemm.pack(weight)
             if packed is not None:

@@ -13,7 +13,9 @@
 //   bfloat16   [n / 64][k / 2][64][2]  the same with input indices in pairs (`vdpbf16ps` order)
 //
 // Each 64-output block is four 16-output groups, one vector register each (AVX-512; with AVX2,
-// float32 only, eight 8-output groups, see below). Threads claim runs of
+// eight 8-output groups, see below). With AVX2 a bfloat16 weight (which oneDNN does not pack there:
+// gemm.py packs it in the layout above) runs on the float32 kernel, widened as it is loaded, for
+// every size of input: x and the bias are widened once per call, the result rounded once. Threads claim runs of
 // whole blocks as they go (`parallel_pieces`), so the cores stream disjoint parts of W once. The
 // rows of x go in tiles of up to ROW_TILE: for each k-step the tile's rows are broadcast against
 // the block's four loaded vectors, 4 x ROW_TILE accumulators in registers; while the tiles after
@@ -33,6 +35,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include "library.h"
@@ -117,8 +120,12 @@ constexpr int64_t F32_LANES = 8;  // outputs per register: a block is eight grou
 
 constexpr int64_t PREFETCH_STEPS = 32;  // how far ahead the first pass fetches for the others: one span
 
-template <int M, int C, bool Fetch>
-inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, const float* b, float* o,
+// Wide: the weight is bfloat16 in its pair layout ([n / 64][k / 2][64][2]), widened to float32 as
+// it is loaded (a 32-byte load holds 8 outputs' weights for inputs j and j + 1: shifted left by 16,
+// the first; masked, the second), x is float32 and everything else is the float32 kernel's, in
+// the same order: its sums equal the float32 kernel's on the widened weight, bit for bit.
+template <int M, int C, bool Fetch, bool Wide = false>
+inline void f32_groups(const void* wp, int64_t k, const float* x, int64_t xs, const float* b, float* o,
                        int64_t os, Ahead ahead) {
   constexpr int64_t G = F32_LANES;
   constexpr int width = M == 1 ? 8 : M <= 3 ? 4 : 2;
@@ -129,16 +136,39 @@ inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, co
       __m256 part[M][W];
       for (int r = 0; r < M; ++r)
         for (int c = 0; c < W; ++c) part[r][c] = _mm256_setzero_ps();
-      const float* wj = w + j0 * BLOCK + C0 * G;
-      for (int64_t j = j0; j < j1; ++j, wj += BLOCK) {
-        if constexpr (Fetch && C0 == 0) ahead.step(j);
-        if constexpr (C0 == 0 && W < C)  // the lines the later passes read, a few spans ahead
-          for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(wj + PREFETCH_STEPS * BLOCK) + l * 64, _MM_HINT_T0);
-        __m256 wv[W];
-        for (int c = 0; c < W; ++c) wv[c] = _mm256_loadu_ps(wj + c * G);
-        for (int r = 0; r < M; ++r) {
-          const __m256 xv = _mm256_set1_ps(x[r * xs + j]);
-          for (int c = 0; c < W; ++c) part[r][c] = _mm256_fmadd_ps(wv[c], xv, part[r][c]);
+      if constexpr (!Wide) {
+        const float* wj = static_cast<const float*>(wp) + j0 * BLOCK + C0 * G;
+        for (int64_t j = j0; j < j1; ++j, wj += BLOCK) {
+          if constexpr (Fetch && C0 == 0) ahead.step(j);
+          if constexpr (C0 == 0 && W < C)  // the lines the later passes read, a few spans ahead
+            for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(wj + PREFETCH_STEPS * BLOCK) + l * 64, _MM_HINT_T0);
+          __m256 wv[W];
+          for (int c = 0; c < W; ++c) wv[c] = _mm256_loadu_ps(wj + c * G);
+          for (int r = 0; r < M; ++r) {
+            const __m256 xv = _mm256_set1_ps(x[r * xs + j]);
+            for (int c = 0; c < W; ++c) part[r][c] = _mm256_fmadd_ps(wv[c], xv, part[r][c]);
+          }
+        }
+      } else {  // a step is a pair of inputs: 256 bytes of the block, as a float32 input's
+        const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
+        const uint16_t* wj = static_cast<const uint16_t*>(wp) + j0 * BLOCK + C0 * G * 2;
+        for (int64_t j = j0; j < j1; j += 2, wj += 2 * BLOCK) {
+          if constexpr (Fetch && C0 == 0) ahead.step(j / 2);
+          if constexpr (C0 == 0 && W < C)
+            for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(wj + PREFETCH_STEPS * BLOCK) + l * 64, _MM_HINT_T0);
+          __m256 wv[W];
+          for (int c = 0; c < W; ++c)
+            wv[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + c * G * 2)), 16));
+          for (int r = 0; r < M; ++r) {
+            const __m256 xv = _mm256_set1_ps(x[r * xs + j]);
+            for (int c = 0; c < W; ++c) part[r][c] = _mm256_fmadd_ps(wv[c], xv, part[r][c]);
+          }
+          for (int c = 0; c < W; ++c)
+            wv[c] = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + c * G * 2)), high));
+          for (int r = 0; r < M; ++r) {
+            const __m256 xv = _mm256_set1_ps(x[r * xs + j + 1]);
+            for (int c = 0; c < W; ++c) part[r][c] = _mm256_fmadd_ps(wv[c], xv, part[r][c]);
+          }
         }
       }
       for (int r = 0; r < M; ++r)
@@ -156,6 +186,7 @@ inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, co
       _mm256_storeu_ps(o + r * os + c * G, v);
     }
 }
+#define TPSERVE_PACKED_BF16_WIDE 1  // bfloat16 weights on the float32 kernel (no AVX512-BF16 here)
 #endif
 
 #if defined(__AVX512BF16__)
@@ -268,7 +299,7 @@ inline int64_t piece_groups(int64_t groups, int64_t lanes) {
 }
 
 bool packed_gemm_supported(at::ScalarType dt) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(TPSERVE_PACKED_BF16_WIDE)
   if (dt == at::kBFloat16) return true;
 #endif
 #if defined(TPSERVE_PACKED_F32)
@@ -283,7 +314,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
                  at::Tensor out) {
   const auto dt = x.scalar_type();
   TORCH_CHECK(packed_gemm_supported(dt), "packed_gemm: this build has no kernel for ", dt,
-              " (float32 needs AVX2 and FMA, bfloat16 AVX512-BF16)");
+              " (float32 and bfloat16 need AVX2 and FMA)");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == n,
               "packed_gemm: x (m, k), out (m, n)");
   TORCH_CHECK(out.scalar_type() == dt && x.stride(1) == 1 && out.stride(1) == 1, "packed_gemm: rows contiguous, one dtype");
@@ -308,6 +339,26 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
       });
     });
     return;
+  }
+#endif
+#if defined(TPSERVE_PACKED_BF16_WIDE)
+  {  // bfloat16: x and the bias widened once, sums in float32, the result rounded once
+    constexpr int64_t G = F32_LANES;
+    const int64_t groups = n / G;
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(w_ptr);
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    const std::optional<at::Tensor> bf = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
+    at::Tensor of = at::empty({m, n}, xf.options());
+    const float* xp = xf.data_ptr<float>();
+    const float* bp = bf.has_value() ? bf->data_ptr<float>() : nullptr;
+    float* op = of.data_ptr<float>();
+    parallel_pieces(groups, piece_groups(groups, G), [&](int64_t g0, int64_t g1) {
+      for_tiles<F32_LANES>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
+        f32_groups<M, C, F, true>(w + group_offset(g, G, k, 2), k, xp + r * k, k, bp ? bp + g * G : nullptr,
+                                  op + r * n + g * G, n, a);
+      });
+    });
+    out.copy_(of);  // round to nearest even
   }
 #endif
 #if defined(__AVX512BF16__)
