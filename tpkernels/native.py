@@ -12,9 +12,9 @@
   Larger inputs (prefill) keep the torch operators, so prompt logits stay those of transformers.
 
 It is compiled on first use against the installed torch with the system C++ compiler (``$CXX``,
-else ``c++``), one compiler per source file and core, 20-60 s, and cached under ``$TPSERVE_CACHE/native`` (default
-``~/.cache/tpserve/native``) keyed by the sources, the torch version and this CPU, so every process
-after the first just loads it. ``make`` builds it at install time (``python -m tpkernels``).
+else ``c++``), one compiler per source file and core, 20-60 s, and cached under
+``$TPSERVE_CACHE/native`` (default ``~/.cache/tpserve/native``) keyed by the sources, the torch
+version and this CPU, so every process after the first just loads it. ``make`` builds it at install time (``python -m tpkernels``).
 Builders racing each other are safe: each writes a private file and renames it into place.
 
 Where it cannot be built (no compiler) or is switched off (``TPSERVE_NATIVE=0``), the torch path

@@ -134,7 +134,6 @@ void small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
                           bias.has_value() ? bias->data_ptr<bf16>() : nullptr, out.data_ptr<bf16>(), os);
 }
 
-// residual = x + delta; out = residual * rsqrt(mean(residual^2) + eps) * weight, row by row.
 // 8 floats rounded to T and back (see round_to), and stored as T.
 template <typename T> inline v8 round8(v8 v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -151,6 +150,7 @@ inline void store8(bf16* o, v8 v) {  // v already holds bfloat16 values: keep th
 
 constexpr int64_t ROWS_PER_TASK = 32;  // a decode step's few rows stay on one thread: a thread costs more
 
+// residual = x + delta; out = residual * rsqrt(mean(residual^2) + eps) * weight, row by row.
 template <typename T>
 void add_rms_norm_impl(const T* xp, const T* dp, const T* wp, float e, T* rp, T* op, int64_t m, int64_t h) {
   at::parallel_for(0, m, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
