@@ -7,9 +7,9 @@
 // side by side in one pass, the softmax taken online (`avx512_online`).
 //
 // Rows that see the same cached keys -- the rows of a prefill chunk, decodes that share a prompt
-// prefix -- are cut into tiles (`plan_tiles`), and on AVX-512 each tile reads its shared keys
-// once for all its rows (`avx512_tile`); each row's own keys after those go the row-by-row way,
-// and the two softmax parts are merged by their maxima and sums.
+// prefix -- are cut into tiles (`plan_tiles`), and each tile reads its shared keys once for all
+// its rows (`avx512_tile`; without AVX-512, `v8_tile`); each row's own keys after those go the
+// row-by-row way, and the two softmax parts are merged by their maxima and sums.
 //
 // Cache layout (see worker/kv_cache.py): (kv_heads, num_blocks, block_size * head_dim); the rows
 // of one block of one head are contiguous. Computation is in float32 whatever the storage dtype.
@@ -124,6 +124,103 @@ void blocked_weighted_sum(const float* scores, int64_t span, const T* vh, const 
   }
 }
 
+// Where tokens t0 .. t0 + K - 1 lie in one block (with 16-token blocks: every chunk from 0), the
+// offset in elements of t0's cache row from its head's first block; -1 where they do not.
+template <int K = 16>
+inline int64_t block_run_offset(const int64_t* table, int64_t bs, int64_t d, int64_t t0) {
+  const int64_t r = t0 % bs;
+  return r + K <= bs ? (table[t0 / bs] * bs + r) * d : -1;
+}
+
+// The cache rows of tokens t0 .. t0 + n - 1 (n <= K) of one sequence and KV head; the rest of the
+// K point at the first one, so a short last chunk is computed whole and only n results are kept.
+template <int K = 16, typename T>
+inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t d, int64_t t0, int n,
+                       const T** rows) {
+  if (const int64_t off = block_run_offset<K>(table, bs, d, t0); off >= 0) {
+    for (int j = 0; j < K; ++j) rows[j] = head + off + (j < n ? j : 0) * d;
+    return;
+  }
+  int64_t b = t0 / bs, r = t0 % bs;
+  const T* block = head + table[b] * bs * d;
+  for (int j = 0; j < n; ++j) {
+    rows[j] = block + r * d;
+    if (++r == bs && j + 1 < n) {
+      r = 0;
+      block = head + table[++b] * bs * d;
+    }
+  }
+  for (int j = n; j < K; ++j) rows[j] = rows[0];
+}
+
+// The keys and values of tokens t0 .. t1 - 1 of one sequence and KV head (K and V caches share a
+// layout, so one block-table walk serves both), every cache line of them prefetched.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_kv(const T* kh, const T* vh, const int64_t* table, int64_t bs,
+                                                       int64_t d, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1;) {
+    const int64_t b = t / bs, stop = std::min(t1, (b + 1) * bs);
+    const int64_t off = (table[b] * bs + t % bs) * d;
+    const char* k = reinterpret_cast<const char*>(kh + off);
+    const char* v = reinterpret_cast<const char*>(vh + off);
+    const int64_t bytes = (stop - t) * d * static_cast<int64_t>(sizeof(T));
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(k + o), __builtin_prefetch(v + o);
+    t = stop;
+  }
+}
+
+// The single-pass kernels below prefetch the next chunk's keys and values while they use this
+// one's. A longer lead was slower: a standalone copy of the float32 loop over 400 sequences of 435
+// keys in contiguous blocks, one Zen 5 core, took 14.7 ns a key one chunk ahead, 17.0 at four
+// chunks and 20.0 at sixteen.
+constexpr int64_t KV_AHEAD = 16;
+
+// Calls chunk(c, n, full) for the K-token chunks c = 0, K, ... of tokens start .. start + span - 1
+// of one sequence and KV head (n tokens each, `full` a std::true_type for the whole ones and a
+// std::false_type for a short last one), prefetching each chunk's keys and values KV_AHEAD
+// tokens before it is used.
+template <int K = 16, typename T, typename Chunk>
+__attribute__((always_inline)) inline void stream_chunks(const T* kh, const T* vh, const int64_t* table, int64_t bs,
+                                                         int64_t d, int64_t start, int64_t span, Chunk&& chunk) {
+  prefetch_kv(kh, vh, table, bs, d, start, start + std::min(KV_AHEAD, span));
+  int64_t c = 0;
+  for (; c + K <= span; c += K) {
+    if (c + KV_AHEAD < span)
+      prefetch_kv(kh, vh, table, bs, d, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + K));
+    chunk(c, K, std::true_type{});
+  }
+  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
+}
+
+// The online softmax's running maximum is raised only when a score passes it by more than this
+// (natural log units), so most chunks skip the horizontal maximum and the accumulators' rescale:
+// probabilities stay at most e^8 relative to the maximum used, far inside float32's range, and the
+// final division cancels whatever maximum was used.
+constexpr float MAX_SLACK = 8.f;
+
+// Runs fn.template operator()<B>(q0) over blocks of B lanes starting at q0 that cover the nq lanes
+// exactly: the fewest blocks of at most Most lanes, as even as they go. 16 lanes of 4 vectors go
+// 6 + 5 + 5, where blocks of 5 computed 20 lanes: on one Zen 5 core the V sums alone ran ~20 %
+// faster (data in L1), and 64 float32 decodes on a 512-token shared prefix, 8 q / 4 kv heads,
+// 0.58 -> 0.54-0.56 ms a layer (bfloat16 0.41-0.42 -> 0.40-0.41).
+template <int Most, typename Fn>
+inline void lane_blocks(int nq, Fn&& fn) {
+  static_assert(Most >= 1 && Most <= 6);
+  const int nb = (nq + Most - 1) / Most;
+  for (int b = 0, q0 = 0; b < nb; ++b) {
+    const int size = nq / nb + (b < nq % nb);
+    switch (size) {
+      case 1: fn.template operator()<1>(q0); break;
+      case 2: if constexpr (Most >= 2) fn.template operator()<2>(q0); break;
+      case 3: if constexpr (Most >= 3) fn.template operator()<3>(q0); break;
+      case 4: if constexpr (Most >= 4) fn.template operator()<4>(q0); break;
+      case 5: if constexpr (Most >= 5) fn.template operator()<5>(q0); break;
+      case 6: if constexpr (Most >= 6) fn.template operator()<6>(q0); break;
+    }
+    q0 += size;
+  }
+}
+
 #if defined(__AVX512F__)
 // The AVX-512 path, for head sizes of whole 16-float vectors and up to 8 query heads per KV head.
 // Keys go 16 at a time: each of the 16 dot products with one query head leaves a vector of 16
@@ -154,84 +251,12 @@ inline v16 sum16(v16* a) {  // lane j of the result: the sum of a[j]'s 16 lanes
   return fold<8>(a[0], a[1], I);
 }
 
-// Where tokens t0 .. t0 + 15 lie in one block (with 16-token blocks: every chunk from 0), the
-// offset in elements of t0's cache row from its head's first block; -1 where they do not.
-inline int64_t block_run_offset(const int64_t* table, int64_t bs, int64_t d, int64_t t0) {
-  const int64_t r = t0 % bs;
-  return r + 16 <= bs ? (table[t0 / bs] * bs + r) * d : -1;
-}
-
-// The cache rows of tokens t0 .. t0 + n - 1 (n <= 16) of one sequence and KV head; the rest of the
-// 16 point at the first one, so a short last chunk is computed whole and only n results are kept.
-template <typename T>
-inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t d, int64_t t0, int n,
-                       const T** rows) {
-  if (const int64_t off = block_run_offset(table, bs, d, t0); off >= 0) {
-    for (int j = 0; j < 16; ++j) rows[j] = head + off + (j < n ? j : 0) * d;
-    return;
-  }
-  int64_t b = t0 / bs, r = t0 % bs;
-  const T* block = head + table[b] * bs * d;
-  for (int j = 0; j < n; ++j) {
-    rows[j] = block + r * d;
-    if (++r == bs && j + 1 < n) {
-      r = 0;
-      block = head + table[++b] * bs * d;
-    }
-  }
-  for (int j = n; j < 16; ++j) rows[j] = rows[0];
-}
-
-// The keys and values of tokens t0 .. t1 - 1 of one sequence and KV head (K and V caches share a
-// layout, so one block-table walk serves both), every cache line of them prefetched.
-template <typename T>
-__attribute__((always_inline)) inline void prefetch_kv(const T* kh, const T* vh, const int64_t* table, int64_t bs,
-                                                       int64_t d, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1;) {
-    const int64_t b = t / bs, stop = std::min(t1, (b + 1) * bs);
-    const int64_t off = (table[b] * bs + t % bs) * d;
-    const char* k = reinterpret_cast<const char*>(kh + off);
-    const char* v = reinterpret_cast<const char*>(vh + off);
-    const int64_t bytes = (stop - t) * d * static_cast<int64_t>(sizeof(T));
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(k + o), __builtin_prefetch(v + o);
-    t = stop;
-  }
-}
 
 // The lanes j >= n of v set to x.
 inline v16 mask_tail(v16 v, int n, float x) {
   for (int j = n; j < 16; ++j) v[j] = x;
   return v;
 }
-
-// The single-pass kernels below prefetch the next chunk's keys and values while they use this
-// one's. A longer lead was slower: a standalone copy of the float32 loop over 400 sequences of 435
-// keys in contiguous blocks, one Zen 5 core, took 14.7 ns a key one chunk ahead, 17.0 at four
-// chunks and 20.0 at sixteen.
-constexpr int64_t KV_AHEAD = 16;
-
-// Calls chunk(c, n, full) for the 16-token chunks c = 0, 16, ... of tokens start .. start + span - 1
-// of one sequence and KV head (n tokens each, `full` a std::true_type for the whole ones and a
-// std::false_type for a short last one), prefetching each chunk's keys and values KV_AHEAD
-// tokens before it is used.
-template <typename T, typename Chunk>
-__attribute__((always_inline)) inline void stream_chunks(const T* kh, const T* vh, const int64_t* table, int64_t bs,
-                                                         int64_t d, int64_t start, int64_t span, Chunk&& chunk) {
-  prefetch_kv(kh, vh, table, bs, d, start, start + std::min(KV_AHEAD, span));
-  int64_t c = 0;
-  for (; c + 16 <= span; c += 16) {
-    if (c + KV_AHEAD < span)
-      prefetch_kv(kh, vh, table, bs, d, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + 16));
-    chunk(c, 16, std::true_type{});
-  }
-  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
-}
-
-// The online softmax's running maximum is raised only when a score passes it by more than this
-// (natural log units), so most chunks skip the horizontal maximum and the accumulators' rescale:
-// probabilities stay at most e^8 relative to the maximum used, far inside float32's range, and the
-// final division cancels whatever maximum was used.
-constexpr float MAX_SLACK = 8.f;
 
 // Updates one query head's running maximum m, its lane sums l and accumulators a (N vectors) for a
 // chunk's scores s (lanes past the chunk's end already -inf) and returns the chunk's probabilities.
@@ -335,29 +360,6 @@ void avx512_online(const float* qf, const T* kh, const T* vh, const int64_t* tab
 // probability, and at least one (wide heads spill, as they did before blocks).
 constexpr int lane_block_most(int vectors) { return std::max(1, std::min(6, (31 - vectors) / vectors)); }
 
-// Runs fn.template operator()<B>(q0) over blocks of B lanes starting at q0 that cover the nq lanes
-// exactly: the fewest blocks of at most Most lanes, as even as they go. 16 lanes of 4 vectors go
-// 6 + 5 + 5, where blocks of 5 computed 20 lanes: on one Zen 5 core the V sums alone ran ~20 %
-// faster (data in L1), and 64 float32 decodes on a 512-token shared prefix, 8 q / 4 kv heads,
-// 0.58 -> 0.54-0.56 ms a layer (bfloat16 0.41-0.42 -> 0.40-0.41).
-template <int Most, typename Fn>
-inline void lane_blocks(int nq, Fn&& fn) {
-  static_assert(Most >= 1 && Most <= 6);
-  const int nb = (nq + Most - 1) / Most;
-  for (int b = 0, q0 = 0; b < nb; ++b) {
-    const int size = nq / nb + (b < nq % nb);
-    switch (size) {
-      case 1: fn.template operator()<1>(q0); break;
-      case 2: if constexpr (Most >= 2) fn.template operator()<2>(q0); break;
-      case 3: if constexpr (Most >= 3) fn.template operator()<3>(q0); break;
-      case 4: if constexpr (Most >= 4) fn.template operator()<4>(q0); break;
-      case 5: if constexpr (Most >= 5) fn.template operator()<5>(q0); break;
-      case 6: if constexpr (Most >= 6) fn.template operator()<6>(q0); break;
-    }
-    q0 += size;
-  }
-}
-
 // A tile's online softmax over one chunk of keys, lane by lane: s[j] holds key j's scores (j < n)
 // and becomes its probability e^(s[j] - m'), 0 for j >= n, where m' is the running maximum
 // with this chunk; l, the running sum, and m become those after the chunk. Returns e^(m - m'),
@@ -455,6 +457,122 @@ void avx512_tile(const float* qt, int nq, const T* kh, const T* vh, const int64_
         for (int i = 0; i < V; ++i) *reinterpret_cast<v16*>(acc + (q0 + b) * D + 16 * i) = a[b][i];
     });
   }
+}
+#endif
+
+#if !defined(__AVX512F__)
+// Without AVX-512 (AVX2 + FMA; SSE where a build targets x86-64-v2) the tiles run on 8-float
+// vectors (`v8_tile`). With 16 vector registers instead of 32 a lane's accumulators do not fit
+// beside the others': they stay in L1, loaded, updated and stored once per 8-key chunk. Before
+// it, every row of a prefill chunk read all its keys again, row by row; on a Zen 3 (two threads,
+// a 512-row chunk of one sequence, rows seeing 1 to 512 keys, head size 64, alternating builds in
+// one process) 8 q / 4 kv heads took 0.67-0.71x the time in float32 and 0.58-0.61x in bfloat16,
+// 9 q / 3 kv 0.81x and 0.66x. Single rows keep the two-pass register-blocked kernel above: a
+// one-pass (online) version at 8 lanes read the cache of 31 decodes of 520 tokens 20-27 % slower
+// (3.2 against 2.8 ms a layer in float32), both memory-bound; prefetching the next chunk inside
+// the tiles, or the next tile's queries, did not help.
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+// The largest divisor of V that is at most `most`.
+constexpr int columns(int V, int most) {
+  for (int c = std::min(V, most); c > 1; --c)
+    if (V % c == 0) return c;
+  return 1;
+}
+
+// avx512_tile's online softmax over one chunk, at 8 lanes (see softmax_chunk).
+inline v8 softmax_chunk8(v8* s, int n, v8& m, v8& l) {
+  v8 mc = s[0];
+  for (int j = 1; j < n; ++j) mc = mc > s[j] ? mc : s[j];
+  const v8 mn = m > mc ? m : mc;
+  const v8 cr = exp8(m - mn);
+  v8 ps = v8{};
+  for (int j = 0; j < 8; ++j) {
+    s[j] = j < n ? exp8(s[j] - mn) : v8{};
+    ps += s[j];
+  }
+  l = l * cr + ps;
+  m = mn;
+  return cr;
+}
+
+// avx512_tile on 8-lane vectors: a tile's 16 lanes (R rows x G query heads of one KV head) as H = 2
+// vectors, or one where it has at most 8 lanes; 8 keys a chunk. Key j's scores for all lanes are
+// H vertical vectors, sums over x of qt[x] times key j's x broadcast; 8 / H keys at a time, so
+// that their 8 accumulators, the H query vectors and a broadcast fit AVX2's 16 registers (each
+// broadcast then feeds H multiply-adds). Then, lane by lane, the weighted V sum with that lane's
+// D / 8 accumulators (at most 8 a pass) in registers and the value rows read from L1 as the
+// multiply-adds' memory operands. bfloat16 keys and values are widened once per chunk. Leaves,
+// per lane, acc (lane-major, D values each, not yet divided by l), m and l (16 floats each).
+template <int D, int H, typename T>
+void v8_tile(const float* qt, int nq, const T* kh, const T* vh, const int64_t* table, int64_t bs, int64_t S,
+             float* kbuf, float* vbuf, float* pbuf, float* acc, float* mo, float* lo) {
+  constexpr int V = D / 8, C = columns(V, 8), J = 8 / H;
+  const float inf = std::numeric_limits<float>::infinity();
+  v8 m[H], l[H];
+  for (int h = 0; h < H; ++h) m[h] = splat8(-inf), l[h] = v8{};
+  std::fill(acc, acc + nq * D, 0.f);
+  alignas(32) float corr[16];
+  const T* krows[8];
+  const T* vrows[8];
+  const float* kr[8];
+  const float* vr[8];
+  for (int64_t c = 0; c < S; c += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, S - c));
+    chunk_rows<8>(kh, table, bs, D, c, n, krows);
+    chunk_rows<8>(vh, table, bs, D, c, n, vrows);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int j = 0; j < 8; ++j) kr[j] = krows[j], vr[j] = vrows[j];
+    } else {
+      for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < V; ++i) {
+          *reinterpret_cast<v8*>(kbuf + j * D + 8 * i) = load8(krows[j] + 8 * i);
+          *reinterpret_cast<v8*>(vbuf + j * D + 8 * i) = load8(vrows[j] + 8 * i);
+        }
+        kr[j] = kbuf + j * D, vr[j] = vbuf + j * D;
+      }
+      for (int j = n; j < 8; ++j) kr[j] = kr[0], vr[j] = vr[0];
+    }
+    v8 s[H][8];
+    auto scores = [&](auto row) {
+      for (int j0 = 0; j0 < 8; j0 += J) {
+        v8 t[J][H] = {};
+        for (int x = 0; x < D; ++x) {
+          v8 q[H];
+          for (int h = 0; h < H; ++h) q[h] = load8(qt + 16 * x + 8 * h);
+          for (int j = 0; j < J; ++j) {
+            const v8 k = splat8(row(j0 + j)[x]);
+            for (int h = 0; h < H; ++h) t[j][h] += q[h] * k;
+          }
+        }
+        for (int j = 0; j < J; ++j)
+          for (int h = 0; h < H; ++h) s[h][j0 + j] = t[j][h];
+      }
+    };
+    if (std::is_same_v<T, float> && n == 8 && c % bs + 8 <= bs)  // 8 rows side by side
+      scores([k0 = kr[0]](int j) { return k0 + j * D; });
+    else
+      scores([&kr](int j) { return kr[j]; });
+    for (int h = 0; h < H; ++h) {
+      *reinterpret_cast<v8*>(corr + 8 * h) = softmax_chunk8(s[h], n, m[h], l[h]);
+      for (int j = 0; j < n; ++j) *reinterpret_cast<v8*>(pbuf + 16 * j + 8 * h) = s[h][j];
+    }
+    for (int b = 0; b < nq; ++b) {
+      const v8 f = splat8(corr[b]);
+      float* ab = acc + b * D;
+      for (int c0 = 0; c0 < V; c0 += C) {
+        v8 a[C];
+        for (int i = 0; i < C; ++i) a[i] = load8(ab + 8 * (c0 + i)) * f;
+        for (int j = 0; j < n; ++j) {
+          const v8 p = splat8(pbuf[16 * j + b]);
+          for (int i = 0; i < C; ++i) a[i] += p * load8(vr[j] + 8 * (c0 + i));
+        }
+        for (int i = 0; i < C; ++i) *reinterpret_cast<v8*>(ab + 8 * (c0 + i)) = a[i];
+      }
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int x = 0; x < 8; ++x) mo[8 * h + x] = m[h][x], lo[8 * h + x] = l[h][x];
 }
 #endif
 
@@ -660,13 +778,16 @@ inline void store_out(T* o, int64_t os1, const float* acc, const float* denom, i
   }
 }
 
+// The dtypes and head sizes the tiles serve: whole vectors (16 floats with AVX-512, else 8) of
+// float32 or bfloat16.
 template <int64_t D, typename T>
-constexpr bool tiled_path() {  // the dtypes and head sizes avx512_tile serves
+constexpr bool tiled_path() {
 #if defined(__AVX512F__)
-  return D > 0 && D % 16 == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
+  constexpr int64_t W = 16;
 #else
-  return false;
+  constexpr int64_t W = 8;
 #endif
+  return D > 0 && D % W == 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
 }
 
 // A run of consecutive rows whose first `shared` keys are the same cached tokens (shared == 0: a
@@ -820,14 +941,17 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         store_out(op + i * os0 + h * G * os1, os1, w.acc.data(), w.denom.data(), G, d);
         continue;
       }
-#if defined(__AVX512F__)
       if constexpr (tiled_path<D, T>()) {
         if (w.qt.empty()) {
           w.qt.assign(16 * d, 0.f), w.kbuf.resize(36 * d), w.vbuf.resize(16 * d);
           w.pbuf.assign(16 * 16, 0.f), w.tacc.resize(16 * d);
         }
         const int nq = static_cast<int>(tile.rows * G);
+#if defined(__AVX512F__)
         v16 m, l;
+#else
+        alignas(32) float m[16], l[16];
+#endif
         bool done = false;
 #if defined(__AVX512BF16__)
         if constexpr (D % 32 == 0 && std::is_same_v<T, c10::BFloat16>) {
@@ -851,9 +975,21 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
               const T* src = qp + (tile.row + r) * qs0 + (h * G + g) * qs1;
               for (int64_t x = 0; x < d; ++x) w.qt[x * 16 + r * G + g] = static_cast<float>(src[x]) * sc;
             }
+#if defined(__AVX512F__)
           avx512_tile<D, T>(w.qt.data(), nq, kp + h * num_blocks * bs * d, vp + h * num_blocks * bs * d,
                             tp + tile.row * ts0, bs, tile.shared, w.kbuf.data(), w.vbuf.data(), w.pbuf.data(),
                             w.tacc.data(), m, l);
+#else
+          auto run = [&](auto halves) {
+            v8_tile<D, decltype(halves)::value, T>(w.qt.data(), nq, kp + h * num_blocks * bs * d,
+                                                   vp + h * num_blocks * bs * d, tp + tile.row * ts0, bs, tile.shared,
+                                                   w.kbuf.data(), w.vbuf.data(), w.pbuf.data(), w.tacc.data(), m, l);
+          };
+          if (nq <= 8)
+            run(std::integral_constant<int, 1>{});
+          else
+            run(std::integral_constant<int, 2>{});
+#endif
         }
         for (int64_t r = 0; r < tile.rows; ++r) {
           const int64_t i = tile.row + r;
@@ -874,7 +1010,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           }
         }
       }
-#endif
     }
   });
 }

@@ -28,7 +28,7 @@ inline v8 load8(const c10::BFloat16* p) {  // widened: a bfloat16 is the top hal
 // expf per value cost more than the rest of the attention kernel (2.4 ms of a 64-sequence,
 // 600-token step at 24 GB/s). exp8 here, exp16 in paged_attention.cpp on AVX-512.
 template <typename V, typename I>
-inline V exp_lanes(V x) {
+__attribute__((always_inline)) inline V exp_lanes(V x) {
   x = x < -87.f ? -87.f : x;
   x = x > 88.f ? 88.f : x;
   const V t = x * 1.44269504f;  // x / ln2
