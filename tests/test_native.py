@@ -359,6 +359,33 @@ def test_packed_gemm_matches_float64(dtype, n, k, bias, kern):
             assert torch.equal(got[i], kern.packed_gemm(x[i:i + 1], buf.data_ptr(), n, b)[0]), (m, i)
 
 
+def test_bfloat16_on_the_float32_kernel_is_its_result_rounded_as_torch_rounds(kern):
+    """Builds without AVX512-BF16 run bfloat16 weights on the float32 kernel, widened as loaded, and
+    round each sum as they store it: bit for bit the float32 kernel's sums on the widened numbers,
+    rounded by torch. Sums exactly halfway between two bfloat16 values (257 between 256 and 258, 259
+    between 258 and 260) go to the even one; NaN becomes the NaN torch's own conversion gives."""
+    if not (kern.packed_gemm_supported(torch.bfloat16) and kern.vector_lanes() == 8):
+        pytest.skip(f"the {kern.isa} build has no bfloat16 on the float32 kernel")
+    g = torch.Generator().manual_seed(7)
+    n, k = 96, 64
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    w[:16] = 0
+    w[:16, :2] = 1  # outputs 0-15: x[0] + x[1]
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    b[:16] = 0
+    x = torch.randn(13, k, generator=g).to(torch.bfloat16)
+    x[0, :2] = torch.tensor([256.0, 1.0])
+    x[1, :2] = torch.tensor([258.0, 1.0])
+    x[2, 0] = float("nan")
+    x[3, :2] = torch.tensor([float("inf"), float("-inf")])
+    buf, buf32 = gemm.packed_layout(w), gemm.packed_layout(w.float())
+    got = kern.packed_gemm(x, buf.data_ptr(), n, b)
+    want = kern.packed_gemm(x.float(), buf32.data_ptr(), n, b.float()).to(torch.bfloat16)
+    assert got[0, 0].item() == 256 and got[1, 0].item() == 260
+    assert got[2].isnan().all() and got[3, :16].isnan().all()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.fixture
 def threads():
     """Sets torch's thread count for the test; restores it after."""

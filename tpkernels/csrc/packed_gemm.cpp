@@ -15,7 +15,7 @@
 // Each 64-output block is four 16-output groups, one vector register each (AVX-512; with AVX2,
 // eight 8-output groups, see below). With AVX2 a bfloat16 weight (which oneDNN does not pack there:
 // gemm.py packs it in the layout above) runs on the float32 kernel, widened as it is loaded, for
-// every size of input: x and the bias are widened once per call, the result rounded once. Threads claim runs of
+// every size of input: x and the bias are widened once per call, each sum rounded as it is stored. Threads claim runs of
 // whole blocks as they go (`parallel_pieces`), so the cores stream disjoint parts of W once. The
 // rows of x go in tiles of up to ROW_TILE: for each k-step the tile's rows are broadcast against
 // the block's four loaded vectors, 4 x ROW_TILE accumulators in registers; while the tiles after
@@ -44,6 +44,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 namespace {
@@ -124,8 +125,20 @@ constexpr int64_t PREFETCH_STEPS = 32;  // how far ahead the first pass fetches 
 // it is loaded (a 32-byte load holds 8 outputs' weights for inputs j and j + 1: shifted left by 16,
 // the first; masked, the second), x is float32 and everything else is the float32 kernel's, in
 // the same order: its sums equal the float32 kernel's on the widened weight, bit for bit.
-template <int M, int C, bool Fetch, bool Wide = false>
-inline void f32_groups(const void* wp, int64_t k, const float* x, int64_t xs, const float* b, float* o,
+// Rounds 8 float32 sums to bfloat16 and stores them as torch's vectorised conversion (`copy_`,
+// `to`) does: to nearest even, every NaN as 0xffff.
+inline void store_bf16(uint16_t* o, __m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xffff), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+// Out: float32 sums stored as they are, or (uint16_t) rounded to bfloat16 as they are stored.
+template <int M, int C, bool Fetch, bool Wide = false, typename Out = float>
+inline void f32_groups(const void* wp, int64_t k, const float* x, int64_t xs, const float* b, Out* o,
                        int64_t os, Ahead ahead) {
   constexpr int64_t G = F32_LANES;
   constexpr int width = M == 1 ? 8 : M <= 3 ? 4 : 2;
@@ -183,7 +196,10 @@ inline void f32_groups(const void* wp, int64_t k, const float* x, int64_t xs, co
     for (int c = 0; c < C; ++c) {
       __m256 v = _mm256_load_ps(sums[r][c]);
       if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c * G));
-      _mm256_storeu_ps(o + r * os + c * G, v);
+      if constexpr (std::is_same_v<Out, float>)
+        _mm256_storeu_ps(o + r * os + c * G, v);
+      else
+        store_bf16(o + r * os + c * G, v);
     }
 }
 #define TPSERVE_PACKED_BF16_WIDE 1  // bfloat16 weights on the float32 kernel (no AVX512-BF16 here)
@@ -342,23 +358,21 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   }
 #endif
 #if defined(TPSERVE_PACKED_BF16_WIDE)
-  {  // bfloat16: x and the bias widened once, sums in float32, the result rounded once
+  {  // bfloat16: x and the bias widened once, sums in float32, each result rounded as it is stored
     constexpr int64_t G = F32_LANES;
     const int64_t groups = n / G;
     const uint16_t* w = reinterpret_cast<const uint16_t*>(w_ptr);
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     const std::optional<at::Tensor> bf = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt;
-    at::Tensor of = at::empty({m, n}, xf.options());
     const float* xp = xf.data_ptr<float>();
     const float* bp = bf.has_value() ? bf->data_ptr<float>() : nullptr;
-    float* op = of.data_ptr<float>();
+    uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
     parallel_pieces(groups, piece_groups(groups, G), [&](int64_t g0, int64_t g1) {
       for_tiles<F32_LANES>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
         f32_groups<M, C, F, true>(w + group_offset(g, G, k, 2), k, xp + r * k, k, bp ? bp + g * G : nullptr,
-                                  op + r * n + g * G, n, a);
+                                  op + r * os + g * G, os, a);
       });
     });
-    out.copy_(of);  // round to nearest even
   }
 #endif
 #if defined(__AVX512BF16__)
