@@ -221,6 +221,26 @@ inline void lane_blocks(int nq, Fn&& fn) {
   }
 }
 
+// A tile's online softmax over one chunk of K keys, lane by lane (Vec: a vector of K lanes, Exp its
+// e^x): s[j] holds key j's scores (j < n) and becomes its probability e^(s[j] - m'), 0 for j >= n,
+// where m' is the running maximum with this chunk; l, the running sum, and m become those after the
+// chunk. Returns e^(m - m'), the factor the tile's accumulators must be rescaled by.
+template <int K, typename Vec, Vec (*Exp)(Vec)>
+inline Vec softmax_chunk(Vec* s, int n, Vec& m, Vec& l) {
+  Vec mc = s[0];
+  for (int j = 1; j < n; ++j) mc = mc > s[j] ? mc : s[j];
+  const Vec mn = m > mc ? m : mc;
+  const Vec cr = Exp(m - mn);
+  Vec ps = Vec{};
+  for (int j = 0; j < K; ++j) {
+    s[j] = j < n ? Exp(s[j] - mn) : Vec{};
+    ps += s[j];
+  }
+  l = l * cr + ps;
+  m = mn;
+  return cr;
+}
+
 #if defined(__AVX512F__)
 // The AVX-512 path, for head sizes of whole 16-float vectors and up to 8 query heads per KV head.
 // Keys go 16 at a time: each of the 16 dot products with one query head leaves a vector of 16
@@ -360,25 +380,6 @@ void avx512_online(const float* qf, const T* kh, const T* vh, const int64_t* tab
 // probability, and at least one (wide heads spill, as they did before blocks).
 constexpr int lane_block_most(int vectors) { return std::max(1, std::min(6, (31 - vectors) / vectors)); }
 
-// A tile's online softmax over one chunk of keys, lane by lane: s[j] holds key j's scores (j < n)
-// and becomes its probability e^(s[j] - m'), 0 for j >= n, where m' is the running maximum
-// with this chunk; l, the running sum, and m become those after the chunk. Returns e^(m - m'),
-// the factor the tile's accumulators must be rescaled by.
-inline v16 softmax_chunk(v16* s, int n, v16& m, v16& l) {
-  v16 mc = s[0];
-  for (int j = 1; j < n; ++j) mc = mc > s[j] ? mc : s[j];
-  const v16 mn = m > mc ? m : mc;
-  const v16 cr = exp16(m - mn);
-  v16 ps = v16{};
-  for (int j = 0; j < 16; ++j) {
-    s[j] = j < n ? exp16(s[j] - mn) : v16{};
-    ps += s[j];
-  }
-  l = l * cr + ps;
-  m = mn;
-  return cr;
-}
-
 // A tile's scores for one chunk: s[j] = sum over x of qt[x] * row(j)[x] for its 16 keys j. Where
 // the 16 rows lie side by side in one block, row(j) is one address plus j rows, and every load is
 // a broadcast folded into its multiply-add; the tile path spent ~4 % less time on a 64-row decode
@@ -437,7 +438,7 @@ void avx512_tile(const float* qt, int nq, const T* kh, const T* vh, const int64_
       tile_scores<D>(qt, [k0 = kr[0]](int j) { return k0 + j * D; }, s);
     else
       tile_scores<D>(qt, [&kr](int j) { return kr[j]; }, s);
-    *reinterpret_cast<v16*>(corr) = softmax_chunk(s, n, m, l);
+    *reinterpret_cast<v16*>(corr) = softmax_chunk<16, v16, exp16>(s, n, m, l);
     for (int j = 0; j < n; ++j) *reinterpret_cast<v16*>(pbuf + 16 * j) = s[j];
     lane_blocks<lane_block_most(V)>(nq, [&]<int QB>(int q0) {
       v16 a[QB][V];
@@ -478,22 +479,6 @@ constexpr int columns(int V, int most) {
   for (int c = std::min(V, most); c > 1; --c)
     if (V % c == 0) return c;
   return 1;
-}
-
-// avx512_tile's online softmax over one chunk, at 8 lanes (see softmax_chunk).
-inline v8 softmax_chunk8(v8* s, int n, v8& m, v8& l) {
-  v8 mc = s[0];
-  for (int j = 1; j < n; ++j) mc = mc > s[j] ? mc : s[j];
-  const v8 mn = m > mc ? m : mc;
-  const v8 cr = exp8(m - mn);
-  v8 ps = v8{};
-  for (int j = 0; j < 8; ++j) {
-    s[j] = j < n ? exp8(s[j] - mn) : v8{};
-    ps += s[j];
-  }
-  l = l * cr + ps;
-  m = mn;
-  return cr;
 }
 
 // avx512_tile on 8-lane vectors: a tile's 16 lanes (R rows x G query heads of one KV head) as H = 2
@@ -559,7 +544,7 @@ void v8_tile(const float* qt, int nq, const T* kh, const T* vh, const int64_t* t
     else
       scores([&kr](int j) { return kr[j]; });
     for (int h = 0; h < H; ++h) {
-      *reinterpret_cast<v8*>(corr + 8 * h) = softmax_chunk8(s[h], n, m[h], l[h]);
+      *reinterpret_cast<v8*>(corr + 8 * h) = softmax_chunk<8, v8, exp8>(s[h], n, m[h], l[h]);
       for (int j = 0; j < n; ++j) *reinterpret_cast<v8*>(pbuf + 16 * j + 8 * h) = s[h][j];
     }
     for (int b = 0; b < nq; ++b) {
@@ -701,7 +686,7 @@ void avx512bf16_tile(const uint32_t* qt2, int nq, float sc, const c10::BFloat16*
     }
     v16 sv[16];
     for (int j = 0; j < 16; ++j) sv[j] = reinterpret_cast<v16&>(s[j]) * sc;
-    *reinterpret_cast<v16*>(corr) = softmax_chunk(sv, n, m, l);
+    *reinterpret_cast<v16*>(corr) = softmax_chunk<16, v16, exp16>(sv, n, m, l);
     alignas(64) uint16_t pb[16][16];  // [key][lane], bfloat16 bits; keys past n: probability 0
     for (int j = 0; j < 16; ++j) {
       const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<const __m512&>(sv[j]));
