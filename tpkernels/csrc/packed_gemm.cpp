@@ -35,7 +35,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include "library.h"
@@ -121,10 +120,6 @@ constexpr int64_t F32_LANES = 8;  // outputs per register: a block is eight grou
 
 constexpr int64_t PREFETCH_STEPS = 32;  // how far ahead the first pass fetches for the others: one span
 
-// Wide: the weight is bfloat16 in its pair layout ([n / 64][k / 2][64][2]), widened to float32 as
-// it is loaded (a 32-byte load holds 8 outputs' weights for inputs j and j + 1: shifted left by 16,
-// the first; masked, the second), x is float32 and everything else is the float32 kernel's, in
-// the same order: its sums equal the float32 kernel's on the widened weight, bit for bit.
 // Rounds 8 float32 sums to bfloat16 and stores them as torch's vectorised conversion (`copy_`,
 // `to`) does: to nearest even, every NaN as 0xffff.
 inline void store_bf16(uint16_t* o, __m256 v) {
@@ -136,7 +131,12 @@ inline void store_bf16(uint16_t* o, __m256 v) {
                    _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 }
 
-// Out: float32 sums stored as they are, or (uint16_t) rounded to bfloat16 as they are stored.
+// Wide: the weight is bfloat16 in its pair layout ([n / 64][k / 2][64][2]), widened to float32 as
+// it is loaded (a 32-byte load holds 8 outputs' weights for inputs j and j + 1: shifted left by 16,
+// the first; masked, the second), x is float32 and everything else is the float32 kernel's, in
+// the same order: its sums equal the float32 kernel's on the widened weight, bit for bit.
+// Out: float32 sums stored as they are, or (uint16_t, with Wide) rounded to bfloat16 as they are
+// stored.
 template <int M, int C, bool Fetch, bool Wide = false, typename Out = float>
 inline void f32_groups(const void* wp, int64_t k, const float* x, int64_t xs, const float* b, Out* o,
                        int64_t os, Ahead ahead) {

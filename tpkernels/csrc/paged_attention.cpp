@@ -153,74 +153,6 @@ inline void chunk_rows(const T* head, const int64_t* table, int64_t bs, int64_t 
   for (int j = n; j < K; ++j) rows[j] = rows[0];
 }
 
-// The keys and values of tokens t0 .. t1 - 1 of one sequence and KV head (K and V caches share a
-// layout, so one block-table walk serves both), every cache line of them prefetched.
-template <typename T>
-__attribute__((always_inline)) inline void prefetch_kv(const T* kh, const T* vh, const int64_t* table, int64_t bs,
-                                                       int64_t d, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1;) {
-    const int64_t b = t / bs, stop = std::min(t1, (b + 1) * bs);
-    const int64_t off = (table[b] * bs + t % bs) * d;
-    const char* k = reinterpret_cast<const char*>(kh + off);
-    const char* v = reinterpret_cast<const char*>(vh + off);
-    const int64_t bytes = (stop - t) * d * static_cast<int64_t>(sizeof(T));
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(k + o), __builtin_prefetch(v + o);
-    t = stop;
-  }
-}
-
-// The single-pass kernels below prefetch the next chunk's keys and values while they use this
-// one's. A longer lead was slower: a standalone copy of the float32 loop over 400 sequences of 435
-// keys in contiguous blocks, one Zen 5 core, took 14.7 ns a key one chunk ahead, 17.0 at four
-// chunks and 20.0 at sixteen.
-constexpr int64_t KV_AHEAD = 16;
-
-// Calls chunk(c, n, full) for the K-token chunks c = 0, K, ... of tokens start .. start + span - 1
-// of one sequence and KV head (n tokens each, `full` a std::true_type for the whole ones and a
-// std::false_type for a short last one), prefetching each chunk's keys and values KV_AHEAD
-// tokens before it is used.
-template <int K = 16, typename T, typename Chunk>
-__attribute__((always_inline)) inline void stream_chunks(const T* kh, const T* vh, const int64_t* table, int64_t bs,
-                                                         int64_t d, int64_t start, int64_t span, Chunk&& chunk) {
-  prefetch_kv(kh, vh, table, bs, d, start, start + std::min(KV_AHEAD, span));
-  int64_t c = 0;
-  for (; c + K <= span; c += K) {
-    if (c + KV_AHEAD < span)
-      prefetch_kv(kh, vh, table, bs, d, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + K));
-    chunk(c, K, std::true_type{});
-  }
-  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
-}
-
-// The online softmax's running maximum is raised only when a score passes it by more than this
-// (natural log units), so most chunks skip the horizontal maximum and the accumulators' rescale:
-// probabilities stay at most e^8 relative to the maximum used, far inside float32's range, and the
-// final division cancels whatever maximum was used.
-constexpr float MAX_SLACK = 8.f;
-
-// Runs fn.template operator()<B>(q0) over blocks of B lanes starting at q0 that cover the nq lanes
-// exactly: the fewest blocks of at most Most lanes, as even as they go. 16 lanes of 4 vectors go
-// 6 + 5 + 5, where blocks of 5 computed 20 lanes: on one Zen 5 core the V sums alone ran ~20 %
-// faster (data in L1), and 64 float32 decodes on a 512-token shared prefix, 8 q / 4 kv heads,
-// 0.58 -> 0.54-0.56 ms a layer (bfloat16 0.41-0.42 -> 0.40-0.41).
-template <int Most, typename Fn>
-inline void lane_blocks(int nq, Fn&& fn) {
-  static_assert(Most >= 1 && Most <= 6);
-  const int nb = (nq + Most - 1) / Most;
-  for (int b = 0, q0 = 0; b < nb; ++b) {
-    const int size = nq / nb + (b < nq % nb);
-    switch (size) {
-      case 1: fn.template operator()<1>(q0); break;
-      case 2: if constexpr (Most >= 2) fn.template operator()<2>(q0); break;
-      case 3: if constexpr (Most >= 3) fn.template operator()<3>(q0); break;
-      case 4: if constexpr (Most >= 4) fn.template operator()<4>(q0); break;
-      case 5: if constexpr (Most >= 5) fn.template operator()<5>(q0); break;
-      case 6: if constexpr (Most >= 6) fn.template operator()<6>(q0); break;
-    }
-    q0 += size;
-  }
-}
-
 // A tile's online softmax over one chunk of K keys, lane by lane (Vec: a vector of K lanes, Exp its
 // e^x): s[j] holds key j's scores (j < n) and becomes its probability e^(s[j] - m'), 0 for j >= n,
 // where m' is the running maximum with this chunk; l, the running sum, and m become those after the
@@ -271,12 +203,56 @@ inline v16 sum16(v16* a) {  // lane j of the result: the sum of a[j]'s 16 lanes
   return fold<8>(a[0], a[1], I);
 }
 
+// The keys and values of tokens t0 .. t1 - 1 of one sequence and KV head (K and V caches share a
+// layout, so one block-table walk serves both), every cache line of them prefetched.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_kv(const T* kh, const T* vh, const int64_t* table, int64_t bs,
+                                                       int64_t d, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1;) {
+    const int64_t b = t / bs, stop = std::min(t1, (b + 1) * bs);
+    const int64_t off = (table[b] * bs + t % bs) * d;
+    const char* k = reinterpret_cast<const char*>(kh + off);
+    const char* v = reinterpret_cast<const char*>(vh + off);
+    const int64_t bytes = (stop - t) * d * static_cast<int64_t>(sizeof(T));
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(k + o), __builtin_prefetch(v + o);
+    t = stop;
+  }
+}
 
 // The lanes j >= n of v set to x.
 inline v16 mask_tail(v16 v, int n, float x) {
   for (int j = n; j < 16; ++j) v[j] = x;
   return v;
 }
+
+// The single-pass kernels below prefetch the next chunk's keys and values while they use this
+// one's. A longer lead was slower: a standalone copy of the float32 loop over 400 sequences of 435
+// keys in contiguous blocks, one Zen 5 core, took 14.7 ns a key one chunk ahead, 17.0 at four
+// chunks and 20.0 at sixteen.
+constexpr int64_t KV_AHEAD = 16;
+
+// Calls chunk(c, n, full) for the 16-token chunks c = 0, 16, ... of tokens start .. start + span - 1
+// of one sequence and KV head (n tokens each, `full` a std::true_type for the whole ones and a
+// std::false_type for a short last one), prefetching each chunk's keys and values KV_AHEAD
+// tokens before it is used.
+template <typename T, typename Chunk>
+__attribute__((always_inline)) inline void stream_chunks(const T* kh, const T* vh, const int64_t* table, int64_t bs,
+                                                         int64_t d, int64_t start, int64_t span, Chunk&& chunk) {
+  prefetch_kv(kh, vh, table, bs, d, start, start + std::min(KV_AHEAD, span));
+  int64_t c = 0;
+  for (; c + 16 <= span; c += 16) {
+    if (c + KV_AHEAD < span)
+      prefetch_kv(kh, vh, table, bs, d, start + c + KV_AHEAD, start + std::min(span, c + KV_AHEAD + 16));
+    chunk(c, 16, std::true_type{});
+  }
+  if (c < span) chunk(c, static_cast<int>(span - c), std::false_type{});
+}
+
+// The online softmax's running maximum is raised only when a score passes it by more than this
+// (natural log units), so most chunks skip the horizontal maximum and the accumulators' rescale:
+// probabilities stay at most e^8 relative to the maximum used, far inside float32's range, and the
+// final division cancels whatever maximum was used.
+constexpr float MAX_SLACK = 8.f;
 
 // Updates one query head's running maximum m, its lane sums l and accumulators a (N vectors) for a
 // chunk's scores s (lanes past the chunk's end already -inf) and returns the chunk's probabilities.
@@ -379,6 +355,29 @@ void avx512_online(const float* qf, const T* kh, const T* vh, const int64_t* tab
 // block of lanes at a time: at most 6 lanes, as many as fit beside one value row and a broadcast
 // probability, and at least one (wide heads spill, as they did before blocks).
 constexpr int lane_block_most(int vectors) { return std::max(1, std::min(6, (31 - vectors) / vectors)); }
+
+// Runs fn.template operator()<B>(q0) over blocks of B lanes starting at q0 that cover the nq lanes
+// exactly: the fewest blocks of at most Most lanes, as even as they go. 16 lanes of 4 vectors go
+// 6 + 5 + 5, where blocks of 5 computed 20 lanes: on one Zen 5 core the V sums alone ran ~20 %
+// faster (data in L1), and 64 float32 decodes on a 512-token shared prefix, 8 q / 4 kv heads,
+// 0.58 -> 0.54-0.56 ms a layer (bfloat16 0.41-0.42 -> 0.40-0.41).
+template <int Most, typename Fn>
+inline void lane_blocks(int nq, Fn&& fn) {
+  static_assert(Most >= 1 && Most <= 6);
+  const int nb = (nq + Most - 1) / Most;
+  for (int b = 0, q0 = 0; b < nb; ++b) {
+    const int size = nq / nb + (b < nq % nb);
+    switch (size) {
+      case 1: fn.template operator()<1>(q0); break;
+      case 2: if constexpr (Most >= 2) fn.template operator()<2>(q0); break;
+      case 3: if constexpr (Most >= 3) fn.template operator()<3>(q0); break;
+      case 4: if constexpr (Most >= 4) fn.template operator()<4>(q0); break;
+      case 5: if constexpr (Most >= 5) fn.template operator()<5>(q0); break;
+      case 6: if constexpr (Most >= 6) fn.template operator()<6>(q0); break;
+    }
+    q0 += size;
+  }
+}
 
 // A tile's scores for one chunk: s[j] = sum over x of qt[x] * row(j)[x] for its 16 keys j. Where
 // the 16 rows lie side by side in one block, row(j) is one address plus j rows, and every load is
