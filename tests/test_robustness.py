@@ -255,6 +255,11 @@ def test_a_failed_replicas_request_resumes_on_another_with_the_tokens_it_streame
 def test_a_request_waits_for_the_rebuild_when_no_replica_is_left(fake_ray):
     async def scenario():
         controller = RebuildingController(1)
+        release = threading.Event()
+        restart = controller.restart
+        # The rebuild holds until the test has seen the request wait: a rebuild that is instant
+        # could otherwise come and go between two looks of `_until`.
+        controller.restart = lambda rid: release.wait(10) and restart(rid)
         router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=True)
         router.start(asyncio.get_running_loop())
         try:
@@ -265,7 +270,9 @@ def test_a_request_waits_for_the_rebuild_when_no_replica_is_left(fake_ray):
             await handle.next()
             controller.replicas[0].healthy = False  # what the controller's check finds
             controller.replicas[0].failure = "rank 0 is not running"
-            await _until(lambda: router._links[0].replica is not controller.replicas[0] or router._waiting)
+            await _until(lambda: router._waiting)
+            assert handle.waiting is not None and not handle.done and controller.restarts == 0
+            release.set()
             await _until(lambda: controller.restarts == 1 and controller.replicas[0].head.requests)
             rebuilt = controller.replicas[0].head
             (resumed,) = rebuilt.requests
@@ -274,6 +281,7 @@ def test_a_request_waits_for_the_rebuild_when_no_replica_is_left(fake_ray):
             assert _tokens(await handle.next()) == [8]
             router.release(handle)
         finally:
+            release.set()
             await router.close(0)
 
     asyncio.run(scenario())
