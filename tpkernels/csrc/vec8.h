@@ -6,6 +6,9 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -17,8 +20,15 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
 
 inline v8 load8(const c10::BFloat16* p) {  // widened: a bfloat16 is the top half of a float32
+#if defined(__AVX2__)
+  // GCC (tuned for Zen 3) split the generic form below into two 4-lane widenings, a byte shift
+  // and an insert: six instructions for what one widening load and a shift do.
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (v8)_mm256_slli_epi32(w, 16);
+#else
   const u16x8 h = *reinterpret_cast<const u16x8*>(p);
   return (v8)(__builtin_convertvector(h, u32x8) << 16);
+#endif
 }
 
 // e^x for every lane of a float vector V (I: the int32 vector of as many lanes), to ~2 ulp:
