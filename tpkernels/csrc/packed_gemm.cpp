@@ -53,16 +53,18 @@ constexpr int64_t GROUP = 16;  // outputs per vector register
 constexpr int ROW_TILE = 6;    // rows of x per pass over a block: 6 x 4 accumulators fill the registers
 constexpr int64_t STEP_BYTES = 256;  // packed bytes one k-step reads: a float32 input or a bfloat16 pair
 
-// The next block's bytes, fetched into L2 while this block's row tiles run: the tiles after the
-// first read this block from cache, so without it only the first tile's pass streams from memory.
-// Each tile fetches the k-steps i with i % every == phase, so the tiles share the block between
-// them and each line is fetched once.
+// The next pass's bytes, fetched into L2 while this pass's row tiles run: the tiles after the
+// first read this pass's groups from cache, so without it only the first tile streams from memory.
+// Each tile fetches the k-steps i with i % every == phase, so the tiles share the work between
+// them and each line is fetched once. A pass may cover part of a block (a piece of work can start
+// or end half way through one): only its own lines of each k-step are fetched.
 struct Ahead {
-  const char* next;  // the next block's first byte (used only by kernels told to fetch)
+  const char* next;  // the next pass's first byte in k-step 0 (used only by kernels told to fetch)
   int64_t due, every;
+  int64_t bytes;  // of each k-step's STEP_BYTES, the next pass's (whole cache lines)
   inline void step(int64_t i) {
     if (i == due) {
-      for (int64_t l = 0; l < STEP_BYTES; l += 64) _mm_prefetch(next + i * STEP_BYTES + l, _MM_HINT_T1);
+      for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(next + i * STEP_BYTES + l, _MM_HINT_T1);
       due += every;
     }
   }
@@ -246,9 +248,11 @@ template <int64_t Lanes, typename Fn>
 inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64_t block_bytes, Fn&& fn) {
   constexpr int64_t per_block = BLOCK / Lanes;
   const int64_t tiles = (m + ROW_TILE - 1) / ROW_TILE;
+  constexpr int64_t group_step_bytes = STEP_BYTES / per_block;  // a group's share of a k-step
   for (int64_t g = g0; g < g1;) {
-    const int64_t c = std::min(per_block - g % per_block, g1 - g);
-    const char* next = g + c < g1 ? base + (g + c) / per_block * block_bytes : nullptr;
+    const int64_t c = std::min(per_block - g % per_block, g1 - g), gn = g + c;
+    const char* next = gn < g1 ? base + gn / per_block * block_bytes + gn % per_block * group_step_bytes : nullptr;
+    const int64_t next_bytes = std::min(per_block - gn % per_block, g1 - gn) * group_step_bytes;
     for (int64_t t = 0; t < tiles; ++t) {
 #if defined(__AVX512F__)
       // tiles as even as they go: 8 rows are 4 + 4, not 6 + 2
@@ -262,7 +266,7 @@ inline void for_tiles(int64_t g0, int64_t g1, int64_t m, const char* base, int64
       // A single tile streams the block as the hardware prefetcher fetches it, with no prefetch
       // code in its loop: the check alone cost a batch-1 step ~8 % in bfloat16.
       const bool fetch = tiles > 1 && next;
-      const Ahead ahead{next, t, tiles};
+      const Ahead ahead{next, t, tiles, next_bytes};
       auto call = [&]<int M, int C>() {
         // else unreachable: c <= per_block, and 8-lane groups come in pairs (n % 16 == 0)
         if constexpr (C <= per_block && (Lanes != 8 || C % 2 == 0)) {
@@ -305,13 +309,22 @@ inline int64_t group_offset(int64_t g, int64_t lanes, int64_t k, int64_t pair) {
   return (g / groups_per_block) * BLOCK * k + (g % groups_per_block) * lanes * pair;
 }
 
-// Groups per piece of work (parallel.h): whole blocks, about PIECES_PER_THREAD pieces a thread, so
-// a delayed thread's share is picked up by the others.
+// Groups per piece of work (parallel.h): runs of half blocks (32 outputs: whole cache lines of
+// every k-step, so two threads never share a line), about PIECES_PER_THREAD pieces a thread, so a
+// delayed thread's share is picked up by the others; the largest such run with which the threads
+// still end together, within 5 %. Pieces of whole blocks left 9 blocks (SmolLM2's 576 outputs) as 5
+// on one thread and 4 on the other; as 18 half blocks they split 9 and 9. (Larger pieces keep more
+// of the next pass's prefetch: `Ahead` fetches only within a piece.)
 constexpr int64_t PIECES_PER_THREAD = 4;
 inline int64_t piece_groups(int64_t groups, int64_t lanes) {
-  const int64_t per_block = BLOCK / lanes;
-  const int64_t blocks = (groups + per_block - 1) / per_block;
-  return per_block * std::max<int64_t>(1, blocks / (PIECES_PER_THREAD * at::get_num_threads()));
+  const int64_t per_half = BLOCK / 2 / lanes;
+  const int64_t halves = (groups + per_half - 1) / per_half, threads = at::get_num_threads();
+  const int64_t even = (halves + threads - 1) / threads, limit = even + even / 20;
+  int64_t h = std::max<int64_t>(1, halves / (PIECES_PER_THREAD * threads));
+  for (; h > 1; --h) {  // the half blocks the busiest thread runs, as pieces of h go round
+    if (((halves + h - 1) / h + threads - 1) / threads * h <= limit) break;
+  }
+  return h * per_half;
 }
 
 bool packed_gemm_supported(at::ScalarType dt) {
