@@ -121,6 +121,7 @@ inline void f32_groups(const float* w, int64_t k, const float* x, int64_t xs, co
 constexpr int64_t F32_LANES = 8;  // outputs per register: a block is eight groups
 
 constexpr int64_t PREFETCH_STEPS = 32;  // how far ahead the first pass fetches for the others: one span
+constexpr int64_t M1_AHEAD = 4;  // bfloat16 pair steps (1 KiB) a one-row product fetches ahead
 
 // Rounds 8 float32 sums to bfloat16 and stores them as torch's vectorised conversion (`copy_`,
 // `to`) does: to nearest even, every NaN as 0xffff.
@@ -171,6 +172,21 @@ inline void f32_groups(const void* wp, int64_t k, const float* x, int64_t xs, co
           if constexpr (Fetch && C0 == 0) ahead.step(j / 2);
           if constexpr (C0 == 0 && W < C)
             for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(wj + PREFETCH_STEPS * BLOCK) + l * 64, _MM_HINT_T0);
+          if constexpr (M == 1) {
+            // One row (a batch-1 step) is bound by streaming W: each 32-byte load serves both
+            // inputs of the pair, and the lines M1_AHEAD steps on are requested now (the hardware
+            // prefetcher alone left bfloat16 at ~1.4x the x.sum() time of as many bytes). Keeping
+            // all W widened vectors live first had spilled registers. Same sums, same order.
+            for (int l = 0; l < 4; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(wj + M1_AHEAD * 2 * BLOCK) + l * 64, _MM_HINT_T0);
+            const __m256 x0 = _mm256_set1_ps(x[j]), x1 = _mm256_set1_ps(x[j + 1]);
+            for (int c = 0; c < W; ++c) {
+              const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + c * G * 2));
+              part[0][c] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), x0, part[0][c]);
+              part[0][c] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(raw, high)), x1, part[0][c]);
+            }
+            continue;
+          }
           __m256 wv[W];
           for (int c = 0; c < W; ++c)
             wv[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + c * G * 2)), 16));
