@@ -419,7 +419,7 @@ def test_work_handed_out_on_demand_covers_every_piece_once_at_any_thread_count(k
         kern.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, None, out)
         assert not out.isnan().any()
         results.append([out] + [kern.packed_gemm(x, buf.data_ptr(), ww.shape[0], None) for buf, ww in bufs])
-    for i, (buf, ww) in enumerate([(None, None)] + bufs):
+    for i, ww in enumerate([None] + [ww for _, ww in bufs]):  # the attention's output, then each product's
         assert torch.equal(results[0][i], results[1][i]) and torch.equal(results[0][i], results[2][i]), i
         if ww is not None:
             assert (results[0][i].double() - _f64_linear(x, ww, None)).abs().max().item() < 1e-3

@@ -211,6 +211,14 @@ class RebuildingController(FakeController):
         return self.replicas[replica_id]
 
 
+def _hold_rebuilds(controller: RebuildingController) -> threading.Event:
+    """Makes `controller`'s rebuilds wait (up to 10 s) until the returned event is set."""
+    release = threading.Event()
+    restart = controller.restart
+    controller.restart = lambda rid: release.wait(10) and restart(rid)
+    return release
+
+
 async def _until(condition, timeout_s=10.0):
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -255,11 +263,9 @@ def test_a_failed_replicas_request_resumes_on_another_with_the_tokens_it_streame
 def test_a_request_waits_for_the_rebuild_when_no_replica_is_left(fake_ray):
     async def scenario():
         controller = RebuildingController(1)
-        release = threading.Event()
-        restart = controller.restart
         # The rebuild holds until the test has seen the request wait: a rebuild that is instant
         # could otherwise come and go between two looks of `_until`.
-        controller.restart = lambda rid: release.wait(10) and restart(rid)
+        release = _hold_rebuilds(controller)
         router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=True)
         router.start(asyncio.get_running_loop())
         try:
@@ -290,9 +296,7 @@ def test_a_request_waits_for_the_rebuild_when_no_replica_is_left(fake_ray):
 def test_a_new_request_waits_while_every_replica_is_being_rebuilt(fake_ray):
     async def scenario():
         controller = RebuildingController(1)
-        release = threading.Event()
-        restart = controller.restart
-        controller.restart = lambda rid: release.wait(10) and restart(rid)  # the rebuild takes a while
+        release = _hold_rebuilds(controller)  # the rebuild takes a while
         router = Router(controller, AdmissionPolicy(4, 4), Metrics(), rebuild=True, wait_s=30)
         router.start(asyncio.get_running_loop())
         try:
