@@ -21,8 +21,8 @@ inline v8 load8(const float* p) { return *reinterpret_cast<const v8*>(p); }
 
 inline v8 load8(const c10::BFloat16* p) {  // widened: a bfloat16 is the top half of a float32
 #if defined(__AVX2__)
-  // GCC (tuned for Zen 3) split the generic form below into two 4-lane widenings, a byte shift
-  // and an insert: six instructions for what one widening load and a shift do.
+  // GCC 12 (-march=native on a Zen 3) split the generic form below into two 4-lane widenings, a
+  // byte shift and an insert: six instructions for what one widening load and a shift do.
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return (v8)_mm256_slli_epi32(w, 16);
 #else
