@@ -397,9 +397,9 @@ def threads():
 def test_work_handed_out_on_demand_covers_every_piece_once_at_any_thread_count(kern, threads):
     """The packed GEMM and decode attention hand their pieces of work to whichever thread is free
     (csrc/parallel.h): an attention of 40 sequences of unequal lengths (16 runs of items), a
-    product of 64 blocks in 8 pieces and one of 9 blocks (576 outputs: on two threads, pieces of
-    half a block, so two of them start half way through one), on one, two and three threads,
-    write every output, with the same bits."""
+    product of 64 blocks in 8 pieces and one of 9 blocks (576 outputs: at 20 rows on two threads,
+    pieces of half a block, so two of them start half way through one; at one row, whole blocks),
+    on one, two and three threads, write every output, with the same bits."""
     g = torch.Generator().manual_seed(5)
     hq, hkv, d, bs, n = 8, 4, 64, 16, 40
     lens = torch.randint(1, 300, (n,), generator=g)
@@ -411,17 +411,19 @@ def test_work_handed_out_on_demand_covers_every_piece_once_at_any_thread_count(k
     w9 = torch.randn(576, 64, generator=g)
     packed = kern.packed_gemm_supported(torch.float32)
     bufs = [(gemm.packed_layout(w), w), (gemm.packed_layout(w9), w9)] if packed else []
-    x = torch.randn(20, 64, generator=g)
+    xs = [torch.randn(20, 64, generator=g), torch.randn(1, 64, generator=g)]
     results = []
     for count in (1, 2, 3):
         threads(count)
         out = torch.full((n, hq, d), float("nan"))
         kern.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, None, out)
         assert not out.isnan().any()
-        results.append([out] + [kern.packed_gemm(x, buf.data_ptr(), ww.shape[0], None) for buf, ww in bufs])
-    for i, ww in enumerate([None] + [ww for _, ww in bufs]):  # the attention's output, then each product's
+        results.append([out] + [kern.packed_gemm(x, buf.data_ptr(), ww.shape[0], None) for buf, ww in bufs for x in xs])
+    checks = [None] + [(x, ww) for _, ww in bufs for x in xs]  # the attention's output, then each product's
+    for i, check in enumerate(checks):
         assert torch.equal(results[0][i], results[1][i]) and torch.equal(results[0][i], results[2][i]), i
-        if ww is not None:
+        if check is not None:
+            x, ww = check
             assert (results[0][i].double() - _f64_linear(x, ww, None)).abs().max().item() < 1e-3
 
 

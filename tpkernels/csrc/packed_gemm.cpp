@@ -177,7 +177,7 @@ inline void f32_groups(const void* wp, int64_t k, const float* x, int64_t xs, co
             // inputs of the pair, and the lines M1_AHEAD steps on are requested now (the hardware
             // prefetcher alone left bfloat16 at 1.4-1.7x the x.sum() time of as many bytes on a Zen 3). Keeping
             // all W widened vectors live first had spilled registers. Same sums, same order.
-            for (int l = 0; l < 4; ++l)
+            for (int l = 0; l < (W * G * 4 + 63) / 64; ++l)  // this call's lines of the step only
               _mm_prefetch(reinterpret_cast<const char*>(wj + M1_AHEAD * 2 * BLOCK) + l * 64, _MM_HINT_T0);
             const __m256 x0 = _mm256_set1_ps(x[j]), x1 = _mm256_set1_ps(x[j + 1]);
             for (int c = 0; c < W; ++c) {
@@ -325,22 +325,26 @@ inline int64_t group_offset(int64_t g, int64_t lanes, int64_t k, int64_t pair) {
   return (g / groups_per_block) * BLOCK * k + (g % groups_per_block) * lanes * pair;
 }
 
-// Groups per piece of work (parallel.h): runs of half blocks (32 outputs: whole cache lines of
-// every k-step, so two threads never share a line), about PIECES_PER_THREAD pieces a thread, so a
+// Groups per piece of work (parallel.h) for m rows: runs of whole blocks, or of half blocks (32
+// outputs: whole cache lines of every k-step, so two threads never share a line) where the product
+// is bound by arithmetic (more than one row tile); about PIECES_PER_THREAD pieces a thread, so a
 // delayed thread's share is picked up by the others; the largest such run with which the threads
-// still end together, within 5 %. Pieces of whole blocks left 9 blocks (SmolLM2's 576 outputs) as 5
-// on one thread and 4 on the other; as 18 half blocks they split 9 and 9. (Larger pieces keep more
-// of the next pass's prefetch: `Ahead` fetches only within a piece.)
+// still end together, within 5 %. At 31 rows, pieces of whole blocks left 9 blocks (SmolLM2's 576
+// outputs) as 5 on one thread and 4 on the other; as 18 half blocks they split 9 and 9. A product
+// that streams its weight (one tile) keeps whole blocks: with the two halves of a block on two
+// threads at once, each core's prefetchers also fetched the other's lines, and at one row the 576-
+// output products of SmolLM2 ran 1.6-2.3x slower (Zen 3, two threads). (Larger pieces keep more of
+// the next pass's prefetch: `Ahead` fetches only within a piece.)
 constexpr int64_t PIECES_PER_THREAD = 4;
-inline int64_t piece_groups(int64_t groups, int64_t lanes) {
-  const int64_t per_half = BLOCK / 2 / lanes;
-  const int64_t halves = (groups + per_half - 1) / per_half, threads = at::get_num_threads();
-  const int64_t even = (halves + threads - 1) / threads, limit = even + even / 20;
-  int64_t h = std::max<int64_t>(1, halves / (PIECES_PER_THREAD * threads));
-  for (; h > 1; --h) {  // the half blocks the busiest thread runs, as pieces of h go round
-    if (((halves + h - 1) / h + threads - 1) / threads * h <= limit) break;
+inline int64_t piece_groups(int64_t groups, int64_t lanes, int64_t m) {
+  const int64_t per_unit = m > ROW_TILE ? BLOCK / 2 / lanes : BLOCK / lanes;
+  const int64_t units = (groups + per_unit - 1) / per_unit, threads = at::get_num_threads();
+  const int64_t even = (units + threads - 1) / threads, limit = even + even / 20;
+  int64_t h = std::max<int64_t>(1, units / (PIECES_PER_THREAD * threads));
+  for (; h > 1; --h) {  // the units the busiest thread runs, as pieces of h go round
+    if (((units + h - 1) / h + threads - 1) / threads * h <= limit) break;
   }
-  return h * per_half;
+  return h * per_unit;
 }
 
 bool packed_gemm_supported(at::ScalarType dt) {
@@ -377,7 +381,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
     const float* xp = x.data_ptr<float>();
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
-    parallel_pieces(groups, piece_groups(groups, G), [&](int64_t g0, int64_t g1) {
+    parallel_pieces(groups, piece_groups(groups, G, m), [&](int64_t g0, int64_t g1) {
       for_tiles<F32_LANES>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 4, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
         f32_groups<M, C, F>(w + group_offset(g, G, k, 1), k, xp + r * xs, xs, bp ? bp + g * G : nullptr,
                             op + r * os + g * G, os, a);
@@ -396,7 +400,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
     const float* xp = xf.data_ptr<float>();
     const float* bp = bf.has_value() ? bf->data_ptr<float>() : nullptr;
     uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
-    parallel_pieces(groups, piece_groups(groups, G), [&](int64_t g0, int64_t g1) {
+    parallel_pieces(groups, piece_groups(groups, G, m), [&](int64_t g0, int64_t g1) {
       for_tiles<F32_LANES>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
         f32_groups<M, C, F, true>(w + group_offset(g, G, k, 2), k, xp + r * k, k, bp ? bp + g * G : nullptr,
                                   op + r * os + g * G, os, a);
@@ -410,7 +414,7 @@ void packed_gemm(const at::Tensor& x, int64_t w_ptr, int64_t n, const std::optio
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(bias->data_ptr<c10::BFloat16>()) : nullptr;
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   const int64_t groups = n / GROUP;
-  parallel_pieces(groups, piece_groups(groups, GROUP), [&](int64_t g0, int64_t g1) {
+  parallel_pieces(groups, piece_groups(groups, GROUP, m), [&](int64_t g0, int64_t g1) {
     for_tiles<GROUP>(g0, g1, m, reinterpret_cast<const char*>(w), BLOCK * k * 2, [&]<int M, int C, bool F>(int64_t g, int64_t r, Ahead a) {
       bf16_groups<M, C, F>(w + group_offset(g, GROUP, k, 2), k, xp + r * xs, xs, bp ? bp + g * GROUP : nullptr,
                            op + r * os + g * GROUP, os, a);
