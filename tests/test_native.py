@@ -699,6 +699,28 @@ def test_argmax_rows_is_torchs_first_index_of_the_maximum(dtype, n, kern):
     assert got.dtype == torch.int64 and torch.equal(got, x.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [5, 8, 49152 + 3])
+def test_greedy_rows_is_the_argmax_or_minus_one_where_the_maximum_is_not_finite(dtype, n, kern):
+    """What greedy sampling may pick: the argmax of a row whose maximum is a finite number, -1
+    for a row with a NaN (in the vectors or in the scalar tail), +inf, or nothing above -inf."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(9, n + 2, generator=g).to(dtype)[:, :n]
+    x[1] = -float("inf")
+    x[2, 0] = float("nan")
+    x[3, n - 1] = float("nan")  # the tail when n is not a whole number of vectors
+    x[4, n // 2] = float("inf")
+    x[5, :] = -float("inf")
+    x[5, n - 1] = 3.0  # one finite value: it
+    x[6, n - 1] = -float("inf")  # -inf among finite values is no reason to refuse
+    x[7, 1] = 1e30 if dtype == torch.float32 else 1e38  # large, finite
+    got = kern.greedy_rows(x)
+    finite = torch.isfinite(x.float().amax(-1))
+    want = torch.where(finite, x.float().argmax(-1), torch.full_like(finite, -1, dtype=torch.int64))
+    assert finite.tolist() == [True, False, False, False, False, True, True, True, True]
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
 # -- bfloat16 -------------------------------------------------------------------------------------------
 BF16_STEP = 2.0 ** -7  # bfloat16 keeps 8 significant bits: one step of the format, relative
 

@@ -303,6 +303,13 @@ class Ops:
         self._ns.argmax_rows(x, out)
         return out
 
+    def greedy_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """As `argmax_rows`, for any rows: -1 where a row's maximum is not a finite number (a NaN in
+        the row, +inf, or every value -inf), the rows greedy sampling must refuse."""
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._ns.greedy_rows(x, out)
+        return out
+
 
 _serving = Ops(ISA)  # what the model calls, once `available()` has loaded it
 paged_decode_attention = _serving.paged_decode_attention
@@ -318,6 +325,7 @@ decode_stack_create = _serving.decode_stack_create
 decode_stack_run = _serving.decode_stack_run
 shm_all_reduce_ = _serving.shm_all_reduce_
 argmax_rows = _serving.argmax_rows
+greedy_rows = _serving.greedy_rows
 
 _variants: dict[str, Ops] = {}
 
