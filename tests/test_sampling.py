@@ -33,6 +33,7 @@ from worker.sampling import (
     sampling_distribution,
 )
 from worker.sampling import _inverse_cdf  # the draw itself, for its edge cases
+from tpkernels import native
 
 EOS = 2
 
@@ -429,6 +430,37 @@ def test_rows_with_unusable_scores_fail_alone():
     assert got.token_ids[1:4] == [NO_TOKEN] * 3
     clean = Sampler(seed=0)(logits[[0, 4]], [state(vocab, temperature=0.0), state(vocab, temperature=0.7, seed=2)])
     assert [got.token_ids[0], got.token_ids[4]] == clean.token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_plain_greedy_batch_takes_one_native_pass_with_the_general_paths_result(dtype, monkeypatch):
+    """All rows greedy, no penalties, no logprobs: one native pass over the logits as they are
+    gives what the general path gives, unusable rows included; a penalty or logprobs on any row
+    sends the batch the general way."""
+    import worker.sampling as sampling
+
+    if not native.available():
+        pytest.skip("no native kernels here")
+    vocab = 700
+    logits = random_logits(6, vocab, seed=12).to(dtype)
+    logits[1, 5] = math.nan
+    logits[2, :] = -math.inf
+    logits[4, 9] = math.inf
+    passes = []
+    greedy_rows = native.greedy_rows
+    monkeypatch.setattr(native, "greedy_rows", lambda x: passes.append(x.shape) or greedy_rows(x))
+    fast = Sampler(seed=0)(logits, [state(vocab, temperature=0.0) for _ in range(6)])
+    assert passes == [(6, vocab)]
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "_plain_greedy", lambda *a: False)
+        general = Sampler(seed=0)(logits, [state(vocab, temperature=0.0) for _ in range(6)])
+    assert fast == general
+    assert fast.errors == [None, NONFINITE, NONFINITE, None, NONFINITE, None]
+    assert fast.token_ids[0] == int(logits[0].float().argmax()) and fast.token_ids[1] == NO_TOKEN
+    for other in (dict(temperature=0.0, logprobs=2), dict(temperature=0.0, repetition_penalty=1.5),
+                  dict(temperature=0.0, min_tokens=3), dict(temperature=0.5, seed=1)):
+        Sampler(seed=0)(logits, [state(vocab, temperature=0.0)] * 5 + [state(vocab, **other)])
+    assert len(passes) == 1
 
 
 def test_overflowing_penalty_or_temperature_fails_only_its_request():
