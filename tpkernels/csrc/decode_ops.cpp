@@ -375,17 +375,17 @@ void argmax_impl(const T* xp, int64_t xs, int64_t m, int64_t n, int64_t* op) {
       }
       float bv = best[0];
       int64_t bi = at[0];
-      bool bad = false;
       for (int l = 1; l < 8; ++l)
         if (best[l] > bv || (best[l] == bv && at[l] < bi)) bv = best[l], bi = at[l];
       for (; j < n; ++j) {  // later indices than any lane's: only a strictly larger value wins
         const float v = to_f(x[j]);
         if (v > bv) bv = v, bi = j;
-        bad = bad || v != v;
+        if constexpr (Greedy) nan[0] |= v != v;
       }
       if constexpr (Greedy) {
+        bool bad = !std::isfinite(bv);
         for (int l = 0; l < 8; ++l) bad = bad || nan[l];
-        if (bad || !std::isfinite(bv)) bi = -1;
+        if (bad) bi = -1;
       }
       op[i] = bi;
     }
