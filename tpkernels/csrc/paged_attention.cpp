@@ -655,6 +655,15 @@ void avx512bf16_online(const c10::BFloat16* q0, int64_t qs1, float sc, const c10
   }
 }
 
+// acc + q . (the pair at p, in every lane): the pair's load folded into the instruction as an
+// embedded broadcast, where GCC emits a vpbroadcastd before each `vdpbf16ps`. With the keys of a
+// chunk inside one block addressed as one pointer plus j rows (the 16 pointers held apart had
+// spilled), a 512-row prefill chunk's attention on two Zen 4 cores took 0.93-0.94x the time.
+inline __m512 dpbf16_broadcast(__m512 acc, __m512bh q, const c10::BFloat16* p) {
+  __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(q), "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
+}
+
 // avx512_tile for bfloat16 caches with AVX512-BF16: as the row-by-row bfloat16 path does, q . k
 // takes pairs of head dimensions per `vdpbf16ps` (the tile's queries transposed into pairs, qt2;
 // each key's pair broadcast), and the V sum takes pairs of keys, their rows interleaved once per
@@ -679,13 +688,17 @@ void avx512bf16_tile(const uint32_t* qt2, int nq, float sc, const c10::BFloat16*
     chunk_rows(vh, table, bs, D, c, n, vrows);
     __m512 s[16];
     for (int j = 0; j < 16; ++j) s[j] = _mm512_setzero_ps();
-    for (int x = 0; x < D / 2; ++x) {
-      const __m512bh q = as_bh(load512(qt2 + 16 * x));
-      for (int j = 0; j < 16; ++j) {
-        int32_t kk;
-        std::memcpy(&kk, krows[j] + 2 * x, 4);
-        s[j] = _mm512_dpbf16_ps(s[j], q, as_bh(_mm512_set1_epi32(kk)));
+    auto scores = [&](auto row) {
+      for (int x = 0; x < D / 2; ++x) {
+        const __m512bh q = as_bh(load512(qt2 + 16 * x));
+        for (int j = 0; j < 16; ++j) s[j] = dpbf16_broadcast(s[j], q, row(j) + 2 * x);
       }
+    };
+    if (const int64_t off = block_run_offset(table, bs, D, c); off >= 0) {
+      const T* k0 = kh + off;
+      scores([k0](int j) { return k0 + j * D; });
+    } else {
+      scores([&krows](int j) { return krows[j]; });
     }
     v16 sv[16];
     for (int j = 0; j < 16; ++j) sv[j] = reinterpret_cast<v16&>(s[j]) * sc;
