@@ -695,6 +695,7 @@ void avx512bf16_tile(const uint32_t* qt2, int nq, float sc, const c10::BFloat16*
       }
     };
     if (const int64_t off = block_run_offset(table, bs, D, c); off >= 0) {
+      // (a short last chunk scores the block's rows after its end too: softmax_chunk drops them)
       const T* k0 = kh + off;
       scores([k0](int j) { return k0 + j * D; });
     } else {
