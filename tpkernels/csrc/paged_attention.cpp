@@ -684,7 +684,6 @@ void avx512bf16_tile(const uint32_t* qt2, int nq, float sc, const c10::BFloat16*
   const T* vrows[16];
   for (int64_t c = 0; c < S; c += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, S - c));
-    chunk_rows(kh, table, bs, D, c, n, krows);
     chunk_rows(vh, table, bs, D, c, n, vrows);
     __m512 s[16];
     for (int j = 0; j < 16; ++j) s[j] = _mm512_setzero_ps();
@@ -699,6 +698,7 @@ void avx512bf16_tile(const uint32_t* qt2, int nq, float sc, const c10::BFloat16*
       const T* k0 = kh + off;
       scores([k0](int j) { return k0 + j * D; });
     } else {
+      chunk_rows(kh, table, bs, D, c, n, krows);
       scores([&krows](int j) { return krows[j]; });
     }
     v16 sv[16];
