@@ -8,7 +8,7 @@
 //   the driver), and every other thread waits at the end for its whole range. On two cores a
 //   background load of 2.4 % of the machine cost the in-process engine 9 % of its throughput.
 // Here each thread takes the next piece when it finishes one, so a slow or delayed thread holds up
-// at most the piece it is on.
+// at most the piece it is on (and one more, where a kernel claims a piece ahead to prefetch it).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -42,14 +42,6 @@ inline void parallel_claims(int64_t n, int64_t grain, const Worker& worker) {
     return;
   }
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(claim); });
-}
-
-// fn(begin, end) for every piece of [0, n), `grain` indices each, claimed as above.
-template <typename Fn>
-inline void parallel_pieces(int64_t n, int64_t grain, const Fn& fn) {
-  parallel_claims(n, grain, [&](auto& claim) {
-    for (int64_t b, e; claim(b, e);) fn(b, e);
-  });
 }
 
 }  // namespace
