@@ -601,15 +601,15 @@ void avx512bf16_online(const c10::BFloat16* q0, int64_t qs1, float sc, const c10
   }
   alignas(64) uint16_t pb[G][16];  // the chunk's probabilities, bfloat16 bits; 0 past its end
   const T* rows[16];
-  auto chunk = [&](int64_t c, int n, auto full) {
-    chunk_rows(kh, table, bs, D, start + c, n, rows);
+  // The chunk's scores and value sums, key j's row at krow(j) and its value row at vrow(j).
+  auto compute = [&](int n, auto full, auto krow, auto vrow) {
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       __asm__ volatile("" ::: "memory");  // keys reloaded per head (see avx512_online)
       v16 part[16];
       for (int j = 0; j < 16; ++j) {
-        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[g][0]), as_bh(load512(rows[j])));
-        for (int i = 1; i < W; ++i) t = _mm512_dpbf16_ps(t, as_bh(q[g][i]), as_bh(load512(rows[j] + 32 * i)));
+        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(q[g][0]), as_bh(load512(krow(j))));
+        for (int i = 1; i < W; ++i) t = _mm512_dpbf16_ps(t, as_bh(q[g][i]), as_bh(load512(krow(j) + 32 * i)));
         part[j] = reinterpret_cast<v16&>(t);
       }
       v16 s = sum16(part) * sc;
@@ -622,8 +622,8 @@ void avx512bf16_online(const c10::BFloat16* q0, int64_t qs1, float sc, const c10
     }
     const int stop = decltype(full)::value ? 16 : n;
     for (int j = 0; j < stop; j += 2) {
-      const T* r0 = vh + (rows[j] - kh);
-      const T* r1 = j + 1 < stop ? vh + (rows[j + 1] - kh) : r0;  // an odd last token's partner: probability 0
+      const T* r0 = vrow(j);
+      const T* r1 = j + 1 < stop ? vrow(j + 1) : r0;  // an odd last token's partner: probability 0
       __m512i lo[W], hi[W];
       for (int i = 0; i < W; ++i) {
         const __m512i x0 = load512(r0 + 32 * i), x1 = load512(r1 + 32 * i);
@@ -640,6 +640,18 @@ void avx512bf16_online(const c10::BFloat16* q0, int64_t qs1, float sc, const c10
         }
       }
     }
+  };
+  auto chunk = [&](int64_t c, int n, auto full) {
+    if (const int64_t off = block_run_offset(table, bs, D, start + c); off >= 0) {
+      // the chunk inside one block: one address for its rows (a short last chunk scores the
+      // block's rows after its end too, masked; its V sum stops at n)
+      const T* k0 = kh + off;
+      const T* v0 = vh + off;
+      compute(n, full, [k0](int j) { return k0 + j * D; }, [v0](int j) { return v0 + j * D; });
+      return;
+    }
+    chunk_rows(kh, table, bs, D, start + c, n, rows);
+    compute(n, full, [&rows](int j) { return rows[j]; }, [&](int j) { return vh + (rows[j] - kh); });
   };
   stream_chunks(kh, vh, table, bs, D, start, span, chunk);
   // Lane l of half h of group w holds value 32 w + 8 (l / 4) + 4 h + l % 4 (the unpack order).
