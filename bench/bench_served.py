@@ -123,12 +123,15 @@ def main() -> int:
     ways = {"engine": lambda: engine_way(path, reqs, args), "offline": lambda: offline_way(args.model, reqs, args),
             "grpc": lambda: grpc_way(args.model, reqs, args)}
     runs = {name: [] for name in ways}
-    for i in range(args.repeats + 1):
-        for name, run in ways.items():
-            if i == args.repeats and name != "engine":
-                break  # the engine once more, after the last served runs
-            runs[name].append(run())
-            print(f"run {i + 1}: {name:8s} {runs[name][-1]:7.1f} tok/s", flush=True)
+
+    def measure(i: int, name: str) -> None:
+        runs[name].append(ways[name]())
+        print(f"run {i + 1}: {name:8s} {runs[name][-1]:7.1f} tok/s", flush=True)
+
+    for i in range(args.repeats):
+        for name in ways:
+            measure(i, name)
+    measure(args.repeats, "engine")  # once more, after the last served runs: each has one on both sides
     engine = runs["engine"]
 
     def paired(name: str) -> float:
