@@ -1,14 +1,14 @@
 """Micro-benchmark: all-reduce latency of gloo vs the shared-memory communicator.
 
 Starts N local processes (default 2), each with torch.set_num_threads(1), builds a gloo
-process group and a ShmCommunicator over the same TCPStore, and times float32 all-reduces
-of several sizes on every rank: gloo, the communicator's Python steps, and its native ones
+process group and a ShmCommunicator over the same TCPStore, and times all-reduces (float32, or
+`--dtype bfloat16` as a bfloat16 model's ranks send them) of several sizes on every rank: gloo, the communicator's Python steps, and its native ones
 (tpkernels/csrc/shm_all_reduce.cpp, where the native kernels build). Rank 0 prints the median
 and p99 per size and way, then a summary line (shm: the way a serving rank takes):
 
     allreduce_4KiB_median_us: shm=X gloo=Y ratio=Z
 
-Usage: python bench/bench_collectives.py [--world 2] [--capacity 1048576] [--pin]
+Usage: python bench/bench_collectives.py [--world 2] [--capacity 1048576] [--pin] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _summary(times: list[float]) -> tuple[float, float]:
     return statistics.median(times), times[min(len(times) - 1, int(0.99 * len(times)))]
 
 
-def _rank_main(rank: int, world: int, port: int, capacity: int, pin: bool, results) -> None:
+def _rank_main(rank: int, world: int, port: int, capacity: int, pin: bool, dtype: str, results) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world + 1, False, timeout=timedelta(seconds=60))
     dist.init_process_group("gloo", store=dist.PrefixStore("gloo", store),
@@ -70,7 +70,8 @@ def _rank_main(rank: int, world: int, port: int, capacity: int, pin: bool, resul
         ways.append(("shm native", lambda: comm.all_reduce(t), 5000, True))
     rows = []
     for nbytes in SIZES:
-        t = torch.zeros(nbytes // 4, dtype=torch.float32)
+        dt = getattr(torch, dtype)
+        t = torch.zeros(nbytes // dt.itemsize, dtype=dt)
         row = {"bytes": nbytes}
         for name, op, cap, use_native in ways:
             comm.native_all_reduce = bool(use_native)
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=1 << 20, help="shm bytes per slot")
     ap.add_argument("--pin", action="store_true",
                     help="pin each rank's main thread to its own CPU")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = ap.parse_args()
     if not ShmCommunicator.supported():
         sys.exit("shared-memory collectives are not supported on this machine")
@@ -106,10 +108,10 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     mp.start_processes(_rank_main, nprocs=args.world, start_method="spawn",
-                       args=(args.world, master.port, args.capacity, args.pin, results))
+                       args=(args.world, master.port, args.capacity, args.pin, args.dtype, results))
     rows = results.get()
 
-    print(f"# all-reduce float32, {args.world} local processes, {os.cpu_count()} CPUs, "
+    print(f"# all-reduce {args.dtype}, {args.world} local processes, {os.cpu_count()} CPUs, "
           f"loadavg {os.getloadavg()[0]:.2f}, pin={args.pin}, shm capacity {args.capacity} B")
     ways = [w for w in ("gloo", "shm python", "shm native") if w in rows[0]]
     serving = ways[-1]  # native where it built

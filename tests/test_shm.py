@@ -127,6 +127,7 @@ def _w_correctness(store, rank, world, tag, stress_iters):
     comm = ShmCommunicator.create(store, rank, world, capacity_bytes=CAP, timeout_s=30, tag=tag)
     assert _leftovers(tag) == [], "segment must be unlinked right after the rendezvous"
     _check_against_gloo(comm, rank, world)
+    _check_bf16_rounding(comm, rank, world)
     _check_chunked_broadcast_gather(comm, rank, world)
     _stress(comm, rank, world, stress_iters)
     comm.barrier()
@@ -160,6 +161,29 @@ def _check_against_gloo(comm, rank, world):
         comm.all_reduce(x)
         want = _expected_sum(seed, world, x.numel(), torch.float32).view(shape)
         assert torch.equal(x, want)
+
+
+def _bf16_specials(rank: int) -> torch.Tensor:
+    """Sums that overflow, meet infinities and NaN, and float32 sums exactly halfway between two
+    bfloat16 values (1 + 2**-8 rounds down to even, 1 + 3 * 2**-8 up); ranks past 1 add zeros."""
+    h = 2.0 ** -8
+    rows = {0: [3.0e38, float("inf"), float("nan"), 1.0, 1.0, -3.0e38, 1.0, -0.0, 2.0 ** -126],
+            1: [3.0e38, float("-inf"), 1.0, h, 3 * h, -3.0e38, -1.0, -0.0, 2.0 ** -126]}
+    row = rows.get(rank, [0.0] * len(rows[0]))
+    return torch.tensor(row * 37, dtype=torch.float32).to(torch.bfloat16)  # long enough for vector loops
+
+
+def _check_bf16_rounding(comm, rank, world):
+    x = _bf16_specials(rank)
+    comm.all_reduce(x)
+    acc = _bf16_specials(0).float()
+    for r in range(1, world):
+        acc = acc + _bf16_specials(r).float()
+    want = acc.to(torch.bfloat16)
+    assert torch.equal(x.isnan(), want.isnan()), "bf16 all_reduce: NaNs differ from float32 sums rounded"
+    keep = ~want.isnan()
+    assert torch.equal(x[keep].view(torch.int16), want[keep].view(torch.int16)), (
+        f"bf16 all_reduce: {x[:9].tolist()}, want {want[:9].tolist()} (float32 sums rounded to nearest even)")
 
 
 def _check_chunked_broadcast_gather(comm, rank, world):
