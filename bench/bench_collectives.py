@@ -1,9 +1,10 @@
 """Micro-benchmark: all-reduce latency of gloo vs the shared-memory communicator.
 
 Starts N local processes (default 2), each with torch.set_num_threads(1), builds a gloo
-process group and a ShmCommunicator over the same TCPStore, and times all-reduces (float32, or
-`--dtype bfloat16` as a bfloat16 model's ranks send them) of several sizes on every rank: gloo, the communicator's Python steps, and its native ones
-(tpkernels/csrc/shm_all_reduce.cpp, where the native kernels build). Rank 0 prints the median
+process group and a ShmCommunicator over the same TCPStore, and times all-reduces (float32;
+`--dtype bfloat16` as a bfloat16 model's ranks send them) of several sizes on every rank: gloo,
+the communicator's Python steps, and its native ones (tpkernels/csrc/shm_all_reduce.cpp, where
+the native kernels build). Rank 0 prints the median
 and p99 per size and way, then a summary line (shm: the way a serving rank takes):
 
     allreduce_4KiB_median_us: shm=X gloo=Y ratio=Z

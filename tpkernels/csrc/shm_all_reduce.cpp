@@ -232,7 +232,9 @@ class Step {
       for (int64_t j = 2; j < world; ++j)
         for (int64_t i = 0; i < n; ++i) data[i] += s[j][i];
     } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      std::vector<const uint16_t*> bits(world);  // the slots as raw bits (not s: its pointers are typed)
+      // Pointers of their own: read through a cast of s.data(), s's pointers broke the aliasing rules
+      // and the optimizer loaded them before they were set (a crash at once).
+      std::vector<const uint16_t*> bits(world);
       for (int64_t j = 0; j < world; ++j) bits[j] = reinterpret_cast<const uint16_t*>(slot(b, j));
       sum_bf16(reinterpret_cast<uint16_t*>(data), bits.data(), world, n);
     } else {
