@@ -59,8 +59,9 @@ semantics: plain moves on x86-64 that the compiler may not move the data copies 
 ordered and would need fences); callers fall back to gloo there.
 
 Waiting: spin on the counter; after 5 us, yield the CPU between spin bursts (when two
-ranks share a core, the peer gets to run at once); after ``spin_s`` (2 ms) sleep with
-intervals growing from 20 us to 1 ms, so a rank idle for seconds costs almost no CPU.
+ranks share a core, the peer gets to run at once); after ``spin_s`` (2 ms; at least 20 ms in
+the native all-reduces, which wait inside a forward) sleep with intervals growing from 20 us
+to 1 ms, so a rank idle for seconds costs almost no CPU.
 Every ~5 ms the waiter checks its peers (STATE, and that each pid is alive, not a zombie,
 and still the same process: start time); a dead, closed or aborted peer raises PeerDied,
 a wait past ``timeout_s`` (per communicator, or per call) raises CollectiveTimeout. Any
@@ -140,6 +141,14 @@ _PURE_SPIN_S = 5e-6  # spin without yielding for this long (then yield between b
 _PROBE_S = 5e-3  # check peer liveness this often while waiting
 _SLEEP_MIN_S = 20e-6
 _SLEEP_MAX_S = 1e-3
+# The native all-reduces run inside a forward, where the peer is computing the same layer and the
+# wait is that layer's imbalance: they spin at least this long before sleeping. SmolLM2 at TP 2
+# (its heads split 6 + 3) keeps rank 1 waiting ~2.4 ms an all-reduce; past a 2 ms spin it slept
+# and woke up to 1 ms late, and rank 0 then waited for it. On a Zen 4 pair, the mixed workload
+# in process, three alternating pairs of runs: rank 0's time in the 512-token steps' all-reduces
+# (waiting and summing) went 2.7 -> 0.9, 2.9 -> 1.2 and 3.6 -> 2.4 s of ~50 s; the throughput
+# moved within the VM's noise (+15, -3, -2 %).
+_FORWARD_SPIN_S = 20e-3
 
 # dtype <-> code in the segment metadata (gather sends each rank's dtype and shape).
 _DTYPES = (
@@ -619,8 +628,9 @@ class ShmCommunicator:
         the slot capacity, the data offset, the spin time (ns), then (pid, start time) per rank."""
         if self._channel is None:
             pids = [self._peer_pid.get(j, (os.getpid(), 0)) for j in range(self._world)]
+            spin_ns = int(max(self._spin_s, _FORWARD_SPIN_S) * 1e9)
             self._channel = [self._data.data_ptr() - self._data_offset, self._rank, self._world, self._cap,
-                             self._data_offset, int(self._spin_s * 1e9), *(v for pair in pids for v in pair)]
+                             self._data_offset, spin_ns, *(v for pair in pids for v in pair)]
         return self._channel
 
     def close(self) -> None:
