@@ -259,7 +259,8 @@ class ShmCommunicator:
         moves per step; bigger tensors are chunked. ``timeout_s`` bounds every wait of
         the collectives, ``rendezvous_timeout_s`` (default: ``timeout_s``) each wait of
         the rendezvous. ``spin_s``: how long a waiter spins (yielding the CPU between
-        bursts) before it starts sleeping. Every rank raises if any rank fails to
+        bursts) before it starts sleeping; the native all-reduces spin at least
+        ``_FORWARD_SPIN_S`` (20 ms) whatever it is. Every rank raises if any rank fails to
         attach, so all can fall back to another backend together.
         """
         if not 0 <= rank < world_size:
