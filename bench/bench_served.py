@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/bench_served.py                 # the default model, TP = 1 on 2 cores
     .venv/bin/python bench/bench_served.py --requests 16 --max-output 64
+    .venv/bin/python bench/bench_served.py --tp 2         # `make serve`'s layout: a rank per core
 
 Runs bench/bench_engine.py's workload (64 requests, prompts 16-512, outputs 16-256 tokens, greedy,
 EOS ignored) three ways, alternately, `--repeats` times:
 
-  engine   the engine stepped in this process (bench_engine's own figure)
+  engine   the engine stepped in this process (bench_engine's own figure); with --tp 2, rank 0's
+           engine in a child process and rank 1 in another, a core each, over shared memory, as
+           bench/bench_vs_vllm.py runs them
   offline  cluster.offline.LLM: the same engine inside a Ray actor, requests and outputs over Ray
   grpc     `tpserve serve` in a process of its own, all requests at once from an asyncio client
 
@@ -41,7 +44,7 @@ from worker import host_memory  # noqa: E402
 
 CONFIG = """
 model: {{path: {model}}}
-parallel: {{tensor_parallel_size: 1}}
+parallel: {{tensor_parallel_size: {tp}}}
 device: {{type: cpu, cpus_per_rank: {cores}}}
 engine: {{max_model_len: 2048, kv_cache_tokens: 65536, max_batch_size: 64, max_tokens_per_step: 512,
           kv_cache_populate: before_ready}}
@@ -50,10 +53,23 @@ server: {{host: 127.0.0.1, port: 0, max_queued_requests: 1024}}
 
 
 def engine_way(path, reqs, args) -> float:
+    if args.tp > 1:
+        return tp_engine_way(path, reqs, args)
     torch.set_num_threads(args.cores)
     engine = make_engine(path, kv_tokens=65536, max_batch=64, step_tokens=512)
     run_ours(engine, reqs[:2])  # warm-up
     return run_ours(engine, reqs)["throughput"]
+
+
+def tp_engine_way(path, reqs, args) -> float:
+    """The ranks in processes of their own, no Ray: bench_vs_vllm's in-process tensor parallelism."""
+    import bench_vs_vllm
+
+    job = {"model": str(path), "dtype": "float32", "cores": f"tp{args.tp}", "warmup": [[list(p), n] for p, n in reqs[:2]],
+           "workloads": {"mixed": [[list(p), n] for p, n in reqs]}}
+    done = bench_vs_vllm._tp2(job)["workloads"]["mixed"]
+    assert sum(done["count"].values()) == sum(n for _, n in reqs)
+    return sum(done["count"].values()) / done["wall_s"]
 
 
 def offline_way(model, reqs, args) -> float:
@@ -61,7 +77,7 @@ def offline_way(model, reqs, args) -> float:
     from cluster.offline import LLM
     from worker.sampling import SamplingParams
 
-    cfg = DeploymentConfig.for_model(model, tensor_parallel_size=1, type="cpu", cpus_per_rank=args.cores,
+    cfg = DeploymentConfig.for_model(model, tensor_parallel_size=args.tp, type="cpu", cpus_per_rank=args.cores // args.tp,
                                      max_model_len=2048, kv_cache_tokens=65536, max_batch_size=64,
                                      max_tokens_per_step=512, kv_cache_populate="before_ready")
     llm = LLM(cfg)
@@ -82,7 +98,7 @@ def grpc_way(model, reqs, args) -> float:
 
     with tempfile.TemporaryDirectory(prefix="tpserve-served-") as tmp:
         cfg = Path(tmp) / "served.yaml"
-        cfg.write_text(CONFIG.format(model=model, cores=args.cores))
+        cfg.write_text(CONFIG.format(model=model, tp=args.tp, cores=args.cores // args.tp))
         proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(cfg)], cwd=ROOT,
                                 stderr=subprocess.PIPE, text=True)
         try:
@@ -113,9 +129,12 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-output", type=int, default=256)
-    ap.add_argument("--cores", type=int, default=2, help="threads of the one rank, and its Ray CPUs")
+    ap.add_argument("--cores", type=int, default=2, help="cores for the model: its ranks' threads and Ray CPUs")
+    ap.add_argument("--tp", type=int, default=1, choices=[1, 2], help="tensor-parallel size (2: a core a rank)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.tp == 2 and args.cores != 2:
+        ap.error("--tp 2 runs a rank on each of 2 cores (--cores 2)")
     host_memory.restart_with_rank_environment()  # the in-process engine starts as a served rank does
     path = resolve_model(args.model)
     vocab = __import__("json").loads((Path(path) / "config.json").read_text())["vocab_size"]
@@ -138,7 +157,7 @@ def main() -> int:
         return statistics.median(r / ((engine[i] + engine[i + 1]) / 2) for i, r in enumerate(runs[name]))
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"\n{len(reqs)} requests, {sum(n for _, n in reqs)} output tokens, TP = 1 on {args.cores} cores, {cpu}")
+    print(f"\n{len(reqs)} requests, {sum(n for _, n in reqs)} output tokens, TP = {args.tp} on {args.cores} cores, {cpu}")
     print(f"{'way':10s} {'best tok/s':>10s} {'best/best':>10s} {'paired':>8s}")
     for name, tok_s in runs.items():
         print(f"{name:10s} {max(tok_s):10.1f} {max(tok_s) / max(engine):10.2f} "
