@@ -138,9 +138,8 @@ void small_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 template <typename T> inline v8 round8(v8 v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
-  } else {  // to nearest even on the top 16 bits; NaN cannot arise here (finite inputs)
-    const u32x8 b = (u32x8)v;
-    return (v8)((b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u);
+  } else {  // NaN cannot arise here (finite inputs)
+    return (v8)(bf16_round_bits((u32x8)v) & 0xffff0000u);
   }
 }
 inline void store8(float* o, v8 v) { *reinterpret_cast<v8*>(o) = v; }
@@ -253,8 +252,7 @@ template <typename T> inline v16 round16(v16 v) {
     const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
     return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(h)), 16);
 #else
-    const u32x16 b = (u32x16)v;
-    return (v16)((b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u);
+    return (v16)(bf16_round_bits((u32x16)v) & 0xffff0000u);
 #endif
   }
 }

@@ -3,6 +3,7 @@
 
 #include "shm_all_reduce.h"
 #include "library.h"
+#include "vec8.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -84,7 +85,7 @@ inline float bf16_bits_to_float(uint16_t h) {
 inline uint16_t float_to_bf16_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const uint16_t rounded = static_cast<uint16_t>(bf16_round_bits(u) >> 16);
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : rounded;
 }
 

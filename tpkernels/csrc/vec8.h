@@ -31,6 +31,15 @@ inline v8 load8(const c10::BFloat16* p) {  // widened: a bfloat16 is the top hal
 #endif
 }
 
+// Float32 bits u -> the same bits with the top 16 rounded to nearest even (the low 16 left for the
+// caller to drop): bfloat16's rounding, for a uint32_t or a vector of them. NaN is the caller's
+// to handle (torch's scalar conversion makes it 0x7FC0, its vectorised one 0xFFFF); infinities
+// and overflow to them come out right.
+template <typename U>
+__attribute__((always_inline)) inline U bf16_round_bits(U u) {
+  return u + 0x7fffu + ((u >> 16) & 1u);
+}
+
 // e^x for every lane of a float vector V (I: the int32 vector of as many lanes), to ~2 ulp:
 // x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n put in the
 // exponent bits. x is clamped to [-87, 88]: e^-87 ~ 1.6e-38, below which everything rounds away
