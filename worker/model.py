@@ -294,5 +294,7 @@ class Transformer:
             for layer, layer_cache in zip(self.layers, cache.layers):
                 x, delta = layer(x, delta, batch, layer_cache)
         idx = batch.logits_indices
-        _, x = self.norm.add_norm(x[idx], delta[idx], batch.ops)  # per token: only the wanted ones
+        if idx.shape[0] != x.shape[0]:  # per token: only the wanted ones (ascending: all of them is all rows)
+            x, delta = x[idx], delta[idx]
+        _, x = self.norm.add_norm(x, delta, batch.ops)
         return self.lm_head(x)  # gathered on rank 0

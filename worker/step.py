@@ -34,8 +34,9 @@ class StepInput:
     query_lens: torch.Tensor  # (seqs,) tokens of each sequence in this step (1 for a decode)
     context_lens: torch.Tensor  # (seqs,) tokens each sequence attends over, this step's included
     block_tables: torch.Tensor  # (seqs, max_blocks) block ids, padded with 0
-    logits_indices: torch.Tensor  # (logits,) packed tokens whose next-token logits are wanted
+    logits_indices: torch.Tensor  # (logits,) packed tokens whose next-token logits are wanted, ascending
     num_decodes: int  # the first `num_decodes` sequences are decodes, in the first tokens
+    wire: torch.Tensor | None = None  # the payload these tensors are views of, where they are
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +55,8 @@ class StepInput:
         return h
 
     def payload(self) -> torch.Tensor:
+        if self.wire is not None:
+            return self.wire
         return torch.cat([
             self.input_ids, self.positions, self.slot_mapping, self.query_lens,
             self.context_lens, self.block_tables.reshape(-1), self.logits_indices,
@@ -67,9 +70,14 @@ class StepInput:
     @classmethod
     def from_wire(cls, header: torch.Tensor, payload: torch.Tensor) -> "StepInput":
         _, tokens, seqs, max_blocks, logits, decodes = header[:6].tolist()
+        return cls._views(payload, tokens, seqs, max_blocks, logits, decodes)
+
+    @classmethod
+    def _views(cls, payload: torch.Tensor, tokens: int, seqs: int, max_blocks: int, logits: int,
+               decodes: int) -> "StepInput":
         sizes = [tokens, tokens, tokens, seqs, seqs, seqs * max_blocks, logits]
         ids, pos, slots, qlens, clens, tables, li = payload.split(sizes)
-        return cls(ids, pos, slots, qlens, clens, tables.view(seqs, max_blocks), li, decodes)
+        return cls(ids, pos, slots, qlens, clens, tables.view(seqs, max_blocks), li, decodes, payload)
 
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int,
@@ -94,7 +102,11 @@ class StepInput:
             elif logits == "last" or logits[k]:
                 idx.append(len(ids) - 1)
         width = max((len(t) for _, _, t in seqs), default=0)
-        tables = [t + [0] * (width - len(t)) for _, _, t in seqs]
-        t = lambda xs: torch.tensor(xs, dtype=torch.int64)
-        return cls(t(ids), t(pos), t(slots), t(qlens), t(clens),
-                   t(tables).view(len(seqs), width), t(idx), num_decodes)
+        flat = ids + pos + slots + qlens + clens
+        for _, _, t in seqs:
+            flat += t
+            flat += [0] * (width - len(t))
+        flat += idx
+        # One tensor, the payload itself, and the fields views of it: a torch.tensor call costs
+        # ~8 us, seven of them were ~1 % of a batch-1 decode step, and peers get it as it is.
+        return cls._views(torch.tensor(flat, dtype=torch.int64), len(ids), len(seqs), width, len(idx), num_decodes)
