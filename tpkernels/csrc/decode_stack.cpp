@@ -72,53 +72,53 @@ struct Stack {
   c10::TypedOperatorHandle<Attention> attention = op<Attention>("paged_decode_attention");
   c10::TypedOperatorHandle<SiluMul> silu_mul = op<SiluMul>("silu_mul");
 
-  Tensor linear(const Tensor& x, int64_t w, int64_t n, const OptTensor& bias) const {
-    Tensor y = at::empty({x.size(0), n}, x.options());
-    gemm.call(x, w, n, bias, y);
-    return y;
-  }
-
   // The Python blocks' residual stream: x + delta goes in (no delta before the first block), and
   // each residual add is fused with the norm after it.
   // `comm`: the ranks' shared-memory channel (nothing at one rank), its timeout and its last step;
   // returns the step the all-reduces reached.
+  // Every block writes into the same few tensors, made once a step (the residual stream alternates
+  // between two): allocating each block's ten outputs and six views anew cost a batch-1 step of
+  // the default model 300 allocations.
   std::tuple<Tensor, Tensor, int64_t> run(Tensor x, const Tensor& cos, const Tensor& sin, const Tensor& slots,
                                           const Tensor& tables, const Tensor& lens,
                                           const tpserve_shm::Channel* comm, double timeout_s, int64_t step) const {
     const int64_t n = x.size(0);
     const int64_t q_out = hq * d, kv_out = hkv * d;
+    const auto opts = x.options();
+    Tensor stream[2] = {at::empty_like(x), at::empty_like(x)};
+    int next = 0;  // the stream tensor the next residual add writes
+    Tensor h = at::empty_like(x), qkv = at::empty({n, q_out + 2 * kv_out}, opts), att = at::empty({n, hq, d}, opts);
+    Tensor o = at::empty({n, hidden}, opts), gu = at::empty({n, ffn}, opts), a = at::empty({n, ffn / 2}, opts);
+    Tensor delta_out = at::empty({n, hidden}, opts);
+    const Tensor q = qkv.narrow(1, 0, q_out).view({n, hq, d});
+    const Tensor k = qkv.narrow(1, q_out, kv_out).view({n, hkv, d});
+    const Tensor v = qkv.narrow(1, q_out + kv_out, kv_out).view({n, hkv, d});
+    const Tensor att_rows = att.view({n, q_out});
+    auto add_and_norm = [&](const Tensor& delta, const Tensor& weight) {
+      add_norm.call(x, delta, weight, eps, stream[next], h);
+      x = stream[next];
+      next ^= 1;
+    };
     Tensor delta;
     const OptTensor c = cos, s = sin;
     for (const Layer& l : layers) {
-      Tensor h;
-      if (!delta.defined()) {
+      if (!delta.defined())
         h = at::rms_norm(x, {hidden}, l.attn_norm, eps);
-      } else {
-        Tensor r = at::empty_like(x);
-        h = at::empty_like(x);
-        add_norm.call(x, delta, l.attn_norm, eps, r, h);
-        x = r;
-      }
-      Tensor qkv = linear(h, l.qkv, q_out + 2 * kv_out, l.qkv_bias);
-      Tensor q = qkv.narrow(1, 0, q_out).view({n, hq, d});
-      Tensor k = qkv.narrow(1, q_out, kv_out).view({n, hkv, d});
-      Tensor v = qkv.narrow(1, q_out + kv_out, kv_out).view({n, hkv, d});
+      else
+        add_and_norm(delta, l.attn_norm);
+      gemm.call(h, l.qkv, q_out + 2 * kv_out, l.qkv_bias, qkv);
       rope_cache.call(q, k, v, c, s, slots, l.k_cache, l.v_cache);
-      Tensor att = at::empty({n, hq, d}, x.options());
       attention.call(q, l.k_cache, l.v_cache, tables, lens, scale, l.window, att);
-      Tensor o = linear(att.view({n, q_out}), l.o, hidden, std::nullopt);
+      gemm.call(att_rows, l.o, hidden, std::nullopt, o);
       if (comm) step = tpserve_shm::all_reduce(*comm, o, step, timeout_s);
       if (l.o_bias) o.add_(*l.o_bias);
-      Tensor r = at::empty_like(x);
-      h = at::empty_like(x);
-      add_norm.call(x, o, l.mlp_norm, eps, r, h);
-      x = r;
-      Tensor gu = linear(h, l.in, ffn, l.in_bias);
-      Tensor a = at::empty({n, ffn / 2}, x.options());
+      add_and_norm(o, l.mlp_norm);
+      gemm.call(h, l.in, ffn, l.in_bias, gu);
       silu_mul.call(gu, a);
-      delta = linear(a, l.out, hidden, std::nullopt);
-      if (comm) step = tpserve_shm::all_reduce(*comm, delta, step, timeout_s);
-      if (l.out_bias) delta.add_(*l.out_bias);
+      gemm.call(a, l.out, hidden, std::nullopt, delta_out);
+      if (comm) step = tpserve_shm::all_reduce(*comm, delta_out, step, timeout_s);
+      if (l.out_bias) delta_out.add_(*l.out_bias);
+      delta = delta_out;
     }
     return {x, delta, step};
   }
