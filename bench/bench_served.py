@@ -65,8 +65,8 @@ def tp_engine_way(path, reqs, args) -> float:
     """The ranks in processes of their own, no Ray: bench_vs_vllm's in-process tensor parallelism."""
     import bench_vs_vllm
 
-    job = {"model": str(path), "dtype": "float32", "cores": f"tp{args.tp}", "warmup": [[list(p), n] for p, n in reqs[:2]],
-           "workloads": {"mixed": [[list(p), n] for p, n in reqs]}}
+    job = {"model": str(path), "dtype": "float32", "cores": f"tp{args.tp}",
+           "warmup": [[list(p), n] for p, n in reqs[:2]], "workloads": {"mixed": [[list(p), n] for p, n in reqs]}}
     done = bench_vs_vllm._tp2(job)["workloads"]["mixed"]
     assert sum(done["count"].values()) == sum(n for _, n in reqs)
     return sum(done["count"].values()) / done["wall_s"]
@@ -77,9 +77,9 @@ def offline_way(model, reqs, args) -> float:
     from cluster.offline import LLM
     from worker.sampling import SamplingParams
 
-    cfg = DeploymentConfig.for_model(model, tensor_parallel_size=args.tp, type="cpu", cpus_per_rank=args.cores // args.tp,
-                                     max_model_len=2048, kv_cache_tokens=65536, max_batch_size=64,
-                                     max_tokens_per_step=512, kv_cache_populate="before_ready")
+    cfg = DeploymentConfig.for_model(model, tensor_parallel_size=args.tp, type="cpu",
+                                     cpus_per_rank=args.cores // args.tp, max_model_len=2048, kv_cache_tokens=65536,
+                                     max_batch_size=64, max_tokens_per_step=512, kv_cache_populate="before_ready")
     llm = LLM(cfg)
     try:
         params = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
@@ -157,7 +157,8 @@ def main() -> int:
         return statistics.median(r / ((engine[i] + engine[i + 1]) / 2) for i, r in enumerate(runs[name]))
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"\n{len(reqs)} requests, {sum(n for _, n in reqs)} output tokens, TP = {args.tp} on {args.cores} cores, {cpu}")
+    print(f"\n{len(reqs)} requests, {sum(n for _, n in reqs)} output tokens, TP = {args.tp} on {args.cores} cores, "
+          f"{cpu}")
     print(f"{'way':10s} {'best tok/s':>10s} {'best/best':>10s} {'paired':>8s}")
     for name, tok_s in runs.items():
         print(f"{name:10s} {max(tok_s):10.1f} {max(tok_s) / max(engine):10.2f} "

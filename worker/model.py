@@ -294,7 +294,7 @@ class Transformer:
             for layer, layer_cache in zip(self.layers, cache.layers):
                 x, delta = layer(x, delta, batch, layer_cache)
         idx = batch.logits_indices
-        if idx.shape[0] != x.shape[0]:  # per token: only the wanted ones (ascending: all of them is all rows)
+        if idx.shape[0] != x.shape[0]:  # only the wanted rows (ascending, so as many as rows is all of them)
             x, delta = x[idx], delta[idx]
         _, x = self.norm.add_norm(x, delta, batch.ops)
         return self.lm_head(x)  # gathered on rank 0
