@@ -398,26 +398,45 @@ def pair(ray_cluster, smollm2_dir, srv):
 
 
 def test_admission_queue_rejects_the_excess(pair):
-    """Capacity is max_batch_size 4 × 2 replicas + max_queued_requests 4 = 12 in flight."""
+    """Capacity is max_batch_size 4 × 2 replicas + max_queued_requests 4 = 12 in flight. Each
+    request is decided by its stream's first message and is long (500 tokens), so no admitted one
+    can finish, and free its place, before all 40 are decided, however fast the replicas run (with
+    8-token requests a fast run let some finish early and admitted 24)."""
     async def one(ac: AsyncClient, i: int):
+        stream = ac.stream(f"Item {i}:", max_tokens=500, ignore_eos=True, **GREEDY)
         try:
-            return await ac.generate(f"Item {i}:", max_tokens=8, ignore_eos=True, **GREEDY)
+            return await stream.start()
         except TPServeError as err:
             return err
 
     async def main():
         async with AsyncClient(pair.address, timeout=60) as ac:
-            return await asyncio.gather(*(one(ac, i) for i in range(40)))
+            results = await asyncio.gather(*(one(ac, i) for i in range(40)))
+            admitted = [r for r in results if not isinstance(r, TPServeError)]
+            # the running ones (a batch of 4 on each replica) each produce a token; the queued 4
+            # cannot start before a running one ends
+            tokens = {asyncio.ensure_future(s.__anext__()): s for s in admitted}
+            produced, deadline = set(), time.monotonic() + 30
+            while len(produced) < 8 and time.monotonic() < deadline:
+                done, _ = await asyncio.wait(set(tokens) - produced, timeout=1,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                produced |= done
+            late, _ = await asyncio.wait(set(tokens) - produced, timeout=1)  # none of the queued starts
+            running = [tokens[t] for t in produced | late]
+            for t in tokens:
+                t.cancel()
+            for s in admitted:
+                s.cancel()
+            return results, admitted, running
 
-    results = asyncio.run(main())
-    done = [r for r in results if not isinstance(r, TPServeError)]
+    results, admitted, running = asyncio.run(main())
     rejected = [r for r in results if isinstance(r, TPServeError)]
     assert all(r.code is grpc.StatusCode.RESOURCE_EXHAUSTED for r in rejected), rejected[:1]
     assert "max_queued_requests 4" in rejected[0].message
-    assert len(done) == 12 and len(rejected) == 28
-    assert all(len(r.token_ids) == 8 and r.finish_reason == "length" for r in done)
-    assert {r.replica_id for r in done} == {0, 1}
-    with Client(pair.address, timeout=30) as c:  # the slots are free again
+    assert len(admitted) == 12 and len(rejected) == 28
+    assert len(running) == 8 and {s.replica_id for s in running} == {0, 1}
+    with Client(pair.address, timeout=30) as c:  # the places are free again once the aborts land
+        assert wait_for(lambda: kv_blocks_used(c) == [0, 0], 10)
         assert c.generate("Hello", max_tokens=2).completion_tokens == 2
 
 
