@@ -87,7 +87,8 @@ struct Stack {
     const auto opts = x.options();
     Tensor stream[2] = {at::empty_like(x), at::empty_like(x)};
     int next = 0;  // the stream tensor the next residual add writes
-    Tensor h = at::empty_like(x), qkv = at::empty({n, q_out + 2 * kv_out}, opts), att = at::empty({n, hq, d}, opts);
+    Tensor h;  // the first block's norm makes it (no delta there yet); every add-and-norm after writes into it
+    Tensor qkv = at::empty({n, q_out + 2 * kv_out}, opts), att = at::empty({n, hq, d}, opts);
     Tensor o = at::empty({n, hidden}, opts), gu = at::empty({n, ffn}, opts), a = at::empty({n, ffn / 2}, opts);
     Tensor delta_out = at::empty({n, hidden}, opts);
     const Tensor q = qkv.narrow(1, 0, q_out).view({n, hq, d});
