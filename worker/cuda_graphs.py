@@ -73,12 +73,6 @@ def pad_decodes(step: StepInput, size: int, width: int, pad_block: int, block_si
     )
 
 
-def _views(buffer: torch.Tensor, size: int, width: int) -> StepInput:
-    """The step fields of a static payload buffer, as views (the wire layout of `StepInput`)."""
-    ids, pos, slots, qlens, clens, tables, logits = buffer.split([size] * 5 + [size * width, size])
-    return StepInput(ids, pos, slots, qlens, clens, tables.view(size, width), logits, size)
-
-
 @dataclass
 class _Bucket:
     buffer: torch.Tensor  # the padded step's payload, on the device; its views feed the graph
@@ -130,7 +124,7 @@ class DecodeGraphs:
 
     def _new_bucket(self, size: int, padded: StepInput) -> _Bucket:
         buffer = padded.payload().to(self.model.device)
-        step = _views(buffer, size, self.width)
+        step = StepInput.views(buffer, size, size, self.width, size, size)  # a decode per row, each wanting logits
 
         def forward():
             return self.model(self.model.decode_batch(step), self.cache)

@@ -70,11 +70,12 @@ class StepInput:
     @classmethod
     def from_wire(cls, header: torch.Tensor, payload: torch.Tensor) -> "StepInput":
         _, tokens, seqs, max_blocks, logits, decodes = header[:6].tolist()
-        return cls._views(payload, tokens, seqs, max_blocks, logits, decodes)
+        return cls.views(payload, tokens, seqs, max_blocks, logits, decodes)
 
     @classmethod
-    def _views(cls, payload: torch.Tensor, tokens: int, seqs: int, max_blocks: int, logits: int,
-               decodes: int) -> "StepInput":
+    def views(cls, payload: torch.Tensor, tokens: int, seqs: int, max_blocks: int, logits: int,
+              decodes: int) -> "StepInput":
+        """The step whose fields are views of `payload` (the wire layout above), on its device."""
         sizes = [tokens, tokens, tokens, seqs, seqs, seqs * max_blocks, logits]
         ids, pos, slots, qlens, clens, tables, li = payload.split(sizes)
         return cls(ids, pos, slots, qlens, clens, tables.view(seqs, max_blocks), li, decodes, payload)
@@ -109,4 +110,4 @@ class StepInput:
         flat += idx
         # One tensor, the payload itself, and the fields views of it: a torch.tensor call costs
         # ~8 us, seven of them were ~1 % of a batch-1 decode step, and peers get it as it is.
-        return cls._views(torch.tensor(flat, dtype=torch.int64), len(ids), len(seqs), width, len(idx), num_decodes)
+        return cls.views(torch.tensor(flat, dtype=torch.int64), len(ids), len(seqs), width, len(idx), num_decodes)
