@@ -19,6 +19,7 @@
 #include <optional>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 
 namespace tpserve_shm {
 namespace {
@@ -226,18 +227,18 @@ class Step {
     }
     // In rank order on every rank, so that all get the very same sums; 16-bit floats are summed in
     // float32 and rounded once, as the Python communicator does.
-    std::vector<const T*> s(world);
-    for (int64_t j = 0; j < world; ++j) s[j] = reinterpret_cast<const T*>(slot(b, j));
+    // bfloat16 slots are read as their bits (sum_bf16); the pointers are typed so from the start,
+    // since reading typed pointers through a cast of their array broke the aliasing rules (the
+    // optimizer loaded them before they were set: a crash at once).
+    using Elem = std::conditional_t<std::is_same_v<T, c10::BFloat16>, uint16_t, T>;
+    std::vector<const Elem*> s(world);
+    for (int64_t j = 0; j < world; ++j) s[j] = reinterpret_cast<const Elem*>(slot(b, j));
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       for (int64_t i = 0; i < n; ++i) data[i] = s[0][i] + s[1][i];
       for (int64_t j = 2; j < world; ++j)
         for (int64_t i = 0; i < n; ++i) data[i] += s[j][i];
     } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      // Pointers of their own: read through a cast of s.data(), s's pointers broke the aliasing rules
-      // and the optimizer loaded them before they were set (a crash at once).
-      std::vector<const uint16_t*> bits(world);
-      for (int64_t j = 0; j < world; ++j) bits[j] = reinterpret_cast<const uint16_t*>(slot(b, j));
-      sum_bf16(reinterpret_cast<uint16_t*>(data), bits.data(), world, n);
+      sum_bf16(reinterpret_cast<uint16_t*>(data), s.data(), world, n);
     } else {
       int64_t i = 0;
 #ifdef __F16C__
