@@ -18,8 +18,8 @@
 // where the torch operators of transformers' modules round theirs, so outputs stay as close to
 // transformers' as its own bfloat16 run is. The code is plain C++ with GCC vector extensions,
 // built with -march=native on the machine that runs it (tpkernels/native.py), so it uses the widest
-// vectors that CPU has (AVX2 or AVX-512); silu_mul has a 16-lane path of its own on AVX-512, with
-// AVX512-BF16's rounding instruction where the CPU has it.
+// vectors that CPU has (AVX2 or AVX-512); add_rms_norm, rope_ and silu_mul have 16-lane paths of
+// their own on AVX-512, with AVX512-BF16's rounding instruction where the CPU has it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -147,6 +147,55 @@ inline void store8(bf16* o, v8 v) {  // v already holds bfloat16 values: keep th
   *reinterpret_cast<u16x8*>(o) = __builtin_convertvector((u32x8)v >> 16, u16x8);
 }
 
+#if defined(__AVX512F__)
+// The elementwise kernels below run 16 lanes at a time where the build has AVX-512, then 8, then
+// one, the same formula at each width.
+//
+// 16 values, bfloat16 widened in one instruction and a shift. vec8.h's load16 compiles to two
+// 8-lane widenings and an insert; the decode attention ran faster with that, these loops slower
+// (512 rows of the Llama's norm 1.4x, of its rotation 1.3x, two Zen 4 cores).
+inline v16 widen16(const float* p) { return load16(p); }
+inline v16 widen16(const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (v16)_mm512_slli_epi32(w, 16);
+}
+
+// round8 at 16 lanes, and store16, which rounds as it stores. With AVX512-BF16 one instruction
+// rounds 16 floats to bfloat16 (to nearest even, as round8 does); the integer rounding took most
+// of silu_mul's time.
+template <typename T> inline v16 round16(v16 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+#if defined(__AVX512BF16__)
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(h)), 16);
+#else
+    return (v16)(bf16_round_bits((u32x16)v) & 0xffff0000u);
+#endif
+  }
+}
+inline void store16(float* o, v16 v) { *reinterpret_cast<v16*>(o) = v; }
+inline void store16(bf16* o, v16 v) {  // v rounded to bfloat16 and stored
+#if defined(__AVX512BF16__)
+  const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), reinterpret_cast<const __m256i&>(h));
+#else
+  *reinterpret_cast<u16x16*>(o) = __builtin_convertvector((u32x16)round16<bf16>(v) >> 16, u16x16);
+#endif
+}
+// vec8.h's e^x, its 2^n applied by vscalefps (which also takes care of the range: e^x overflows
+// to infinity above 88.7 and goes to 0 below -103, where exp16 clamps to [-87, 88]) and n rounded
+// by vrndscaleps: the same n, r and polynomial, so the same value for every x in [-87, 88], in 6
+// fewer instructions. silu_mul spends most of its time here (512 rows of the Llama's 1536, Zen 4:
+// 1.2-1.3x faster than with exp16).
+inline v16 exp16_scaled(v16 x) {
+  const v16 n = (v16)_mm512_roundscale_ps((__m512)(x * 1.44269504f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (v16)_mm512_scalef_ps((__m512)exp_reduced(x, n), (__m512)n);
+}
+inline float hsum16(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
+#endif
+
 constexpr int64_t ROWS_PER_TASK = 32;  // a decode step's few rows stay on one thread: a thread costs more
 
 // residual = x + delta; out = residual * rsqrt(mean(residual^2) + eps) * weight, row by row.
@@ -156,16 +205,25 @@ void add_rms_norm_impl(const T* xp, const T* dp, const T* wp, float e, T* rp, T*
   for (int64_t i = begin; i < end; ++i) {
     const T *xi = xp + i * h, *di = dp + i * h;
     T *ri = rp + i * h, *oi = op + i * h;
-    // eight lanes of partial sums, then the tail, then the lanes in order (the compiler's own
+    // lanes of partial sums, then the tail, then the lanes in order (the compiler's own
     // vectorisation of the scalar loop left bfloat16's conversions scalar: 2x slower on AVX2)
-    v8 acc = {};
     int64_t j = 0;
+    float ss = 0.f;
+#if defined(__AVX512F__)
+    v16 acc16 = {};
+    for (; j + 16 <= h; j += 16) {
+      const v16 v = round16<T>(widen16(xi + j) + widen16(di + j));
+      store16(ri + j, v);
+      acc16 += v * v;
+    }
+    ss += hsum16(acc16);
+#endif
+    v8 acc = {};
     for (; j + 8 <= h; j += 8) {
       const v8 v = round8<T>(load8(xi + j) + load8(di + j));
       store8(ri + j, v);
       acc += v * v;
     }
-    float ss = 0.f;
     for (; j < h; ++j) {
       const float v = round_to<T>(to_f(xi[j]) + to_f(di[j]));
       ri[j] = from_f<T>(v);
@@ -173,7 +231,11 @@ void add_rms_norm_impl(const T* xp, const T* dp, const T* wp, float e, T* rp, T*
     }
     ss += hsum(acc);
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + e);
-    for (j = 0; j + 8 <= h; j += 8) store8(oi + j, round8<T>(load8(wp + j) * round8<T>(load8(ri + j) * inv)));
+    j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= h; j += 16) store16(oi + j, widen16(wp + j) * round16<T>(widen16(ri + j) * inv));
+#endif
+    for (; j + 8 <= h; j += 8) store8(oi + j, round8<T>(load8(wp + j) * round8<T>(load8(ri + j) * inv)));
     for (; j < h; ++j) oi[j] = from_f<T>(to_f(wp[j]) * round_to<T>(to_f(ri[j]) * inv));
   }
   });
@@ -208,6 +270,13 @@ void rope_impl(T* xp, const T* cp, const T* sp, int64_t m, int64_t heads, int64_
       T* b = a + half;
       const T *c = cp + i * half, *s = sp + i * half;
       int64_t j = 0;
+#if defined(__AVX512F__)
+      for (; j + 16 <= half; j += 16) {
+        const v16 x1 = widen16(a + j), x2 = widen16(b + j), cj = widen16(c + j), sj = widen16(s + j);
+        store16(a + j, round16<T>(x1 * cj) - round16<T>(x2 * sj));
+        store16(b + j, round16<T>(x2 * cj) + round16<T>(x1 * sj));
+      }
+#endif
       for (; j + 8 <= half; j += 8) {
         const v8 x1 = load8(a + j), x2 = load8(b + j), cj = load8(c + j), sj = load8(s + j);
         store8(a + j, round8<T>(round8<T>(x1 * cj) - round8<T>(x2 * sj)));
@@ -240,34 +309,7 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
                     x.stride(0), x.stride(1));
 }
 
-#if defined(__AVX512F__)
-// round8 at 16 lanes, and store16, which rounds as it stores. With AVX512-BF16 one instruction
-// rounds 16 floats to bfloat16 (to nearest even, as round8 does); the integer rounding took most
-// of silu_mul's time.
-template <typename T> inline v16 round16(v16 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-#if defined(__AVX512BF16__)
-    const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
-    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(h)), 16);
-#else
-    return (v16)(bf16_round_bits((u32x16)v) & 0xffff0000u);
-#endif
-  }
-}
-inline void store16(float* o, v16 v) { *reinterpret_cast<v16*>(o) = v; }
-inline void store16(bf16* o, v16 v) {  // v rounded to bfloat16 and stored
-#if defined(__AVX512BF16__)
-  const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), reinterpret_cast<const __m256i&>(h));
-#else
-  *reinterpret_cast<u16x16*>(o) = __builtin_convertvector((u32x16)round16<bf16>(v) >> 16, u16x16);
-#endif
-}
-#endif
-
-// Rows in parallel, 16 values at a time with exp16 where the build has AVX-512, else 8 with exp8
+// Rows in parallel, 16 values at a time with exp16_scaled where the build has AVX-512, else 8 with exp8
 // (a scalar libm exp per value made this the slowest elementwise step of a prefill; 8 lanes with
 // integer bfloat16 rounding still ran 1.7x torch's silu and mul in bfloat16).
 template <typename T>
@@ -279,8 +321,8 @@ void silu_mul_impl(const T* gp, int64_t gs, T* op, int64_t m, int64_t f) {
       int64_t j = 0;
 #if defined(__AVX512F__)
       for (; j + 16 <= f; j += 16) {
-        const v16 gj = load16(g + j);
-        store16(o + j, round16<T>(gj / (1.f + exp16(-gj))) * load16(u + j));
+        const v16 gj = widen16(g + j);
+        store16(o + j, round16<T>(gj / (1.f + exp16_scaled(-gj))) * widen16(u + j));
       }
 #endif
       for (; j + 8 <= f; j += 8) {

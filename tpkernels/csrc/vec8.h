@@ -40,27 +40,33 @@ __attribute__((always_inline)) inline U bf16_round_bits(U u) {
   return u + 0x7fffu + ((u >> 16) & 1u);
 }
 
-// e^x for every lane of a float vector V (I: the int32 vector of as many lanes), to ~2 ulp:
-// x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n put in the
-// exponent bits. x is clamped to [-87, 88]: e^-87 ~ 1.6e-38, below which everything rounds away
-// anyway, and e^88 is the largest power whose 2^n still fits a float's exponent. A scalar libm
-// expf per value cost more than the rest of the attention kernel (2.4 ms of a 64-sequence,
-// 600-token step at 24 GB/s). exp8 here, exp16 in paged_attention.cpp on AVX-512.
-template <typename V, typename I>
-__attribute__((always_inline)) inline V exp_lanes(V x) {
-  x = x < -87.f ? -87.f : x;
-  x = x > 88.f ? 88.f : x;
-  const V t = x * 1.44269504f;  // x / ln2
-  const V n = (t + 12582912.f) - 12582912.f;  // t rounded to nearest by the 1.5 * 2^23 trick
+// e^(x - n ln2) for n = x / ln2 rounded to nearest: r = x - n ln2 (|r| <= ln2 / 2), then e^r by
+// its degree-6 Taylor polynomial. Lane by lane for a float vector V.
+template <typename V>
+__attribute__((always_inline)) inline V exp_reduced(V x, V n) {
   const V r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts: exact n * hi
   V p = r * (1.f / 720.f) + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
   p = p * r + 1.f / 6.f;
   p = p * r + 0.5f;
   p = p * r + 1.f;
-  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
+// e^x for every lane of a float vector V (I: the int32 vector of as many lanes), to ~2 ulp:
+// x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n put in the
+// exponent bits. x is clamped to [-87, 88]: e^-87 ~ 1.6e-38, below which everything rounds away
+// anyway, and e^88 is the largest power whose 2^n still fits a float's exponent. A scalar libm
+// expf per value cost more than the rest of the attention kernel (2.4 ms of a 64-sequence,
+// 600-token step at 24 GB/s). exp8, and exp16 below where the build has AVX-512.
+template <typename V, typename I>
+__attribute__((always_inline)) inline V exp_lanes(V x) {
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
+  const V t = x * 1.44269504f;  // x / ln2
+  const V n = (t + 12582912.f) - 12582912.f;  // t rounded to nearest by the 1.5 * 2^23 trick
   const I e = (__builtin_convertvector(n, I) + 127) << 23;
-  return p * (V)e;
+  return exp_reduced(x, n) * (V)e;
 }
 
 inline v8 exp8(v8 x) { return exp_lanes<v8, i8>(x); }
