@@ -154,11 +154,9 @@ inline void store8(bf16* o, v8 v) {  // v already holds bfloat16 values: keep th
 // 16 values, bfloat16 widened in one instruction and a shift. vec8.h's load16 compiles to two
 // 8-lane widenings and an insert; the decode attention ran faster with that, these loops slower
 // (512 rows of the Llama's norm 1.4x, of its rotation 1.3x, two Zen 4 cores).
+inline v16 from_bf16_bits(__m256i h) { return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16); }
 inline v16 widen16(const float* p) { return load16(p); }
-inline v16 widen16(const bf16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return (v16)_mm512_slli_epi32(w, 16);
-}
+inline v16 widen16(const bf16* p) { return from_bf16_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
 // round8 at 16 lanes, and store16, which rounds as it stores. With AVX512-BF16 one instruction
 // rounds 16 floats to bfloat16 (to nearest even, as round8 does); the integer rounding took most
@@ -169,7 +167,7 @@ template <typename T> inline v16 round16(v16 v) {
   } else {
 #if defined(__AVX512BF16__)
     const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
-    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(h)), 16);
+    return from_bf16_bits(reinterpret_cast<const __m256i&>(h));
 #else
     return (v16)(bf16_round_bits((u32x16)v) & 0xffff0000u);
 #endif
@@ -205,8 +203,8 @@ void add_rms_norm_impl(const T* xp, const T* dp, const T* wp, float e, T* rp, T*
   for (int64_t i = begin; i < end; ++i) {
     const T *xi = xp + i * h, *di = dp + i * h;
     T *ri = rp + i * h, *oi = op + i * h;
-    // lanes of partial sums, then the tail, then the lanes in order (the compiler's own
-    // vectorisation of the scalar loop left bfloat16's conversions scalar: 2x slower on AVX2)
+    // sums of squares in 16 lanes, then 8, then the scalar tail, then the 8 lanes in order (the
+    // compiler's own vectorisation of the scalar loop left bfloat16's conversions scalar: 2x slower on AVX2)
     int64_t j = 0;
     float ss = 0.f;
 #if defined(__AVX512F__)
